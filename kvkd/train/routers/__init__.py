@@ -1,0 +1,1 @@
+"""kvkd.train.routers."""
