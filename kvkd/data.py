@@ -1,0 +1,501 @@
+"""Reasoning data sets: load rows from the normalised JSONL or the upstream formats.
+
+Every loader turns a row into one :class:`Example` (id, question, CoT, normalised answer,
+calculator equations). Formats (``fmt``):
+
+- ``jsonl``: the normalised JSONL ``{"id", "question", "cot", "answer"[, "equations"]}``.
+- ``gsm8k``: upstream GSM8K JSONL ``{"question", "answer"}``; the answer holds ``<<a=b>>``
+  calculator notes and ends with ``#### 42``. CoT = the text without notes, as normalised.
+- ``icot``: iCoT / GSM8k-Aug lines ``question||<<eq>> <<eq>> #### 42``. CoT = "" and the
+  equations hold the steps (the normalised gsm8k_aug files put ``<<eq>> <<eq>>`` in ``cot``).
+- ``svamp``: SVAMP.json, a list of ``{"ID", "Body", "Question", "Equation", "Answer"}``;
+  CoT = the Equation, as normalised.
+- ``multiarith``: MultiArith.json, a list of ``{"iIndex", "sQuestion", "lEquations", "lSolutions"}``.
+- ``math``: PRM800K / MATH500 JSONL ``{"problem", "solution", "answer", "unique_id"}``.
+- ``gsmhard``: PAL's GSM-Hard JSONL ``{"input", "code", "target"}`` (no CoT; ``code`` dropped).
+- ``hf``: a Hugging Face ``datasets`` name with GSM8K-style columns, e.g. ``openai/gsm8k``.
+
+Rows are counted in file order, ignoring empty lines; ``offset``/``limit`` cut a window of
+rows *before* parsing, so a row's position (and any id built from it) does not depend on
+whether other rows parse. Ids built from positions are 0-based (``train-00000``); row numbers
+in error messages and :class:`RowProblem` are 1-based line (or list item) numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import re
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+__all__ = [
+    "FORMATS", "TRACE_KINDS", "DataError", "Example", "LoadResult", "RowProblem", "build_trace",
+    "dataset_fingerprint", "find_numbers", "load_examples", "parse_number",
+]
+
+FORMATS = ("jsonl", "gsm8k", "icot", "svamp", "multiarith", "math", "gsmhard", "hf")
+TRACE_KINDS = ("nl", "equations")
+
+_FILE_SUFFIXES = (".jsonl", ".json", ".txt")
+_HF_NAME_RE = re.compile(r"^[\w.-]+/[\w.-]+(?::[\w.-]+)?$")
+_HF_DEFAULT_CONFIGS = {"openai/gsm8k": "main", "gsm8k": "main"}
+_NOTE_RE = re.compile(r"<<(.*?)>>")
+# A number: optional sign (not a binary minus: no word char or closing bracket before it),
+# optional currency, digits with optional thousands commas, optional decimals and exponent
+# (at most 3 exponent digits, so no input can blow up the expansion).
+_NUMBER_RE = re.compile(
+    r"(?:(?<![\w)\]}])(?P<sign>[-+\u2212]))?"
+    r"(?:\\?[$\u20ac\u00a3]\s?)?"
+    r"(?P<sign2>[-\u2212])?"
+    r"(?<!\d)(?P<body>(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)"
+    r"(?:[eE](?P<exp>[-+]?\d{1,3})(?!\d))?"
+)
+_MAX_PLAIN_EXPONENT = 50
+
+
+class DataError(ValueError):
+    """A data source or row that cannot be read; the message says what and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """One reasoning problem.
+
+    Attributes:
+        id: unique within its data set.
+        question: the problem text as given upstream.
+        cot: natural-language reasoning ("" if the source has none).
+        answer: final answer; numbers normalised by :func:`parse_number`, LaTeX kept verbatim.
+        equations: calculator equations such as ``"48/2=24"`` (empty if unknown).
+    """
+
+    id: str
+    question: str
+    cot: str
+    answer: str
+    equations: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RowProblem:
+    """A skipped row: ``row`` is its 1-based line (or list item) number in the source."""
+
+    row: int
+    reason: str
+
+
+@dataclass
+class LoadResult:
+    """What :func:`load_examples` read: examples in source order plus skipped rows."""
+
+    examples: list[Example]
+    problems: list[RowProblem]
+    source: str
+    fmt: str
+
+
+class _RowError(Exception):
+    """Internal: why one row could not be parsed (turned into DataError or RowProblem)."""
+
+
+# --------------------------------------------------------------------------- numbers
+
+
+def _format_number(m: re.Match) -> str:
+    body = m["body"].replace(",", "")
+    value = Decimal(("0" + body if body.startswith(".") else body) + (f"e{m['exp']}" if m["exp"] else ""))
+    if value == 0:
+        return "0"
+    negative = (m["sign"] in ("-", "\u2212")) != (m["sign2"] is not None)
+    if m["exp"] and abs(value.adjusted()) > _MAX_PLAIN_EXPONENT:
+        text = format(value, "E")  # "1e999" stays 1E+999 rather than a thousand digits
+    else:
+        text = format(value, "f")
+        if "." in text:
+            text = text.rstrip("0").rstrip(".")
+    return ("-" if negative else "") + text
+
+
+def find_numbers(text: str) -> list[str]:
+    """All numbers in ``text``, left to right, each normalised as by :func:`parse_number`."""
+    return [_format_number(m) for m in _NUMBER_RE.finditer(text)]
+
+
+def parse_number(text: str, *, strict: bool = False) -> str | None:
+    """Normalise the first number in ``text`` to a plain decimal string.
+
+    Keeps the sign and decimals, drops thousands commas, a currency sign ($, EUR, GBP, ``\\$``) and
+    trailing zeros: ``"1,200"`` -> ``"1200"``, ``"-3.50"`` -> ``"-3.5"``, ``"51.0"`` -> ``"51"``,
+    ``"$1,000.25"`` -> ``"1000.25"``, ``".5"`` -> ``"0.5"``, ``"-0"`` -> ``"0"``. A minus
+    directly after a word character or closing bracket is an operator, not a sign
+    (``"16-3"`` -> ``"16"``). Scientific notation is accepted and expanded (``"1e3"`` ->
+    ``"1000"``, ``"2.5e-3"`` -> ``"0.0025"``) unless it would need more than 50 digits
+    (``"1e99"`` -> ``"1E+99"``); at most 3 exponent digits are read.
+    Fractions are not evaluated (``"3/4"`` -> ``"3"``).
+
+    Args:
+        text: any string.
+        strict: if True, ``text`` must be exactly one number (surrounding spaces allowed).
+    Returns:
+        The normalised number, or None if there is none (or, when strict, not only one).
+    """
+    if strict:
+        m = _NUMBER_RE.fullmatch(text.strip())
+    else:
+        m = _NUMBER_RE.search(text)
+    return _format_number(m) if m else None
+
+
+def _number_field(value: Any, name: str) -> str:
+    """Normalise a JSON answer field (number or numeric string); raises _RowError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise _RowError(f"field {name!r} must be a number, got {type(value).__name__}")
+    text = repr(value) if isinstance(value, float) else str(value)
+    number = parse_number(text, strict=True)
+    if number is None:
+        raise _RowError(f"field {name!r} is not a number: {text!r}")
+    return number
+
+
+# --------------------------------------------------------------------------- row parsers
+
+
+def _json_row(raw: Any) -> dict:
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw)
+        except json.JSONDecodeError as e:
+            raise _RowError(f"invalid JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(raw, dict):
+        raise _RowError(f"expected a JSON object, got {type(raw).__name__}")
+    return raw
+
+
+def _text_field(row: dict, name: str, allow_empty: bool = False) -> str:
+    if name not in row:
+        raise _RowError(f"missing field {name!r} (row has {sorted(row)})")
+    value = row[name]
+    if not isinstance(value, str):
+        raise _RowError(f"field {name!r} must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise _RowError(f"field {name!r} is empty")
+    return value
+
+
+def _split_final(text: str) -> tuple[str, str]:
+    """Split ``"... #### 1,200"`` into (body, "1200"); raises _RowError without ``####``."""
+    body, sep, final = text.rpartition("####")
+    if not sep:
+        raise _RowError("no '####' final-answer marker")
+    answer = parse_number(final, strict=True)
+    if answer is None:
+        raise _RowError(f"answer after '####' is not a number: {final.strip()!r}")
+    return body, answer
+
+
+def _gsm8k_example(row: Any, example_id: str) -> Example:
+    """GSM8K ``{"question", "answer"}`` (a JSON line or a mapping) -> Example."""
+    row = _json_row(row)
+    question = _text_field(row, "question")
+    body, answer = _split_final(_text_field(row, "answer"))
+    cot = _NOTE_RE.sub("", body).strip()
+    return Example(example_id, question, cot, answer, tuple(_NOTE_RE.findall(body)))
+
+
+def _jsonl_example(raw: Any, example_id: str) -> Example:
+    row = _json_row(raw)
+    answer = row.get("answer")
+    answer = _number_field(answer, "answer") if isinstance(answer, (int, float)) else _text_field(row, "answer")
+    equations = row.get("equations", [])
+    if not isinstance(equations, list) or not all(isinstance(e, str) for e in equations):
+        raise _RowError("field 'equations' must be a list of strings")
+    return Example(_text_field(row, "id"), _text_field(row, "question"),
+                   _text_field(row, "cot", allow_empty=True), answer, tuple(equations))
+
+
+def _icot_example(raw: Any, example_id: str) -> Example:
+    question, sep, rest = raw.rpartition("||")
+    if not sep:
+        raise _RowError("no '||' between question and equations")
+    if not question.strip():
+        raise _RowError("empty question before '||'")
+    body, answer = _split_final(rest)
+    return Example(example_id, question, "", answer, tuple(_NOTE_RE.findall(body)))
+
+
+def _svamp_example(raw: Any, example_id: str) -> Example:
+    row = _json_row(raw)
+    body = _text_field(row, "Body", allow_empty=True).strip()
+    if body and body[-1] not in ".?!":
+        body += "."  # upstream Body often lacks the full stop before Question
+    question = f"{body} {_text_field(row, 'Question').strip()}".strip()
+    sid = f"svamp-{row['ID']}" if "ID" in row else example_id
+    cot = row.get("Equation", "")
+    return Example(sid, question, cot if isinstance(cot, str) else "", _number_field(row.get("Answer"), "Answer"))
+
+
+def _multiarith_example(raw: Any, example_id: str) -> Example:
+    row = _json_row(raw)
+    solutions = row.get("lSolutions")
+    if not isinstance(solutions, list) or len(solutions) != 1:
+        raise _RowError(f"field 'lSolutions' must hold exactly one number, got {solutions!r}")
+    mid = f"multiarith-{row['iIndex']}" if "iIndex" in row else example_id
+    equations = row.get("lEquations") or []
+    return Example(mid, _text_field(row, "sQuestion").strip(), " ".join(map(str, equations)),
+                   _number_field(solutions[0], "lSolutions[0]"))
+
+
+def _math_example(raw: Any, example_id: str) -> Example:
+    row = _json_row(raw)
+    mid = row.get("unique_id") if isinstance(row.get("unique_id"), str) else example_id
+    return Example(mid, _text_field(row, "problem"), _text_field(row, "solution", allow_empty=True),
+                   _text_field(row, "answer"))
+
+
+def _gsmhard_example(raw: Any, example_id: str) -> Example:
+    row = _json_row(raw)
+    return Example(example_id, _text_field(row, "input"), "", _number_field(row.get("target"), "target"))
+
+
+_PARSERS: dict[str, Callable[[Any, str], Example]] = {
+    "jsonl": _jsonl_example, "gsm8k": _gsm8k_example, "icot": _icot_example,
+    "svamp": _svamp_example, "multiarith": _multiarith_example, "math": _math_example,
+    "gsmhard": _gsmhard_example, "hf": _gsm8k_example,
+}
+
+
+# --------------------------------------------------------------------------- sources
+
+
+def _line_rows(path: Path) -> Iterator[tuple[int, str | _RowError]]:
+    """Yield (1-based line number, line) for non-empty lines; undecodable ones as a _RowError."""
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # UTF-8 byte-order mark
+            try:
+                line = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                yield number, _RowError(f"not UTF-8 ({e.reason} at byte {e.start})")
+                continue
+            if line.strip():
+                yield number, line
+
+
+def _json_list(path: Path) -> list:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not a readable JSON file ({e}); fix the file or convert it to JSONL") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
+    return data
+
+
+def _detect(path: Path) -> str:
+    """Pick the format of a file from its suffix and first row."""
+    hint = f"pass fmt= one of {', '.join(FORMATS[:-1])}"
+    if path.suffix == ".json":
+        data = _json_list(path)
+        first = data[0] if data and isinstance(data[0], dict) else {}
+        if {"Body", "Question"} <= first.keys():
+            return "svamp"
+        if "sQuestion" in first:
+            return "multiarith"
+        raise DataError(f"{path}: cannot detect the format of a JSON list with keys {sorted(first)}; {hint}")
+    first = next(_line_rows(path), (0, None))[1]
+    if first is None:
+        raise DataError(f"{path}: the file has no rows, so its format cannot be detected")
+    if path.suffix == ".txt":
+        if "||" in first:
+            return "icot"
+        raise DataError(f"{path}: cannot detect the format: first line has no '||' (iCoT style); {hint}")
+    try:
+        row = json.loads(first) if isinstance(first, str) else None
+    except json.JSONDecodeError:
+        row = None
+    if not isinstance(row, dict):
+        raise DataError(f"{path}: cannot detect the format: first row is not a JSON object; {hint}")
+    keys = row.keys()
+    if {"id", "cot"} <= keys:
+        return "jsonl"
+    if {"problem", "solution", "answer"} <= keys:
+        return "math"
+    if {"input", "target"} <= keys:
+        return "gsmhard"
+    if {"question", "answer"} <= keys:
+        return "gsm8k"
+    raise DataError(f"{path}: cannot detect the format of a JSONL file with keys {sorted(keys)}; {hint}")
+
+
+def _resolve_path(source: str, split: str | None) -> Path:
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        return path
+    if split is None:
+        found = sorted(p.name for p in path.iterdir() if p.suffix in _FILE_SUFFIXES)
+        raise DataError(f"{path} is a directory: pass split= to pick one of {found}")
+    for suffix in _FILE_SUFFIXES:
+        if (path / f"{split}{suffix}").is_file():
+            return path / f"{split}{suffix}"
+    found = sorted(p.stem for p in path.iterdir() if p.suffix in _FILE_SUFFIXES)
+    raise DataError(f"{path} has no {split}.jsonl/.json/.txt; splits there: {found}")
+
+
+def _hf_rows(name: str, split: str | None) -> Iterator[tuple[int, dict]]:
+    if split is None:
+        raise DataError(f"Hugging Face data set {name!r} needs split= (e.g. 'train' or 'test')")
+    repo, _, config = name.partition(":")
+    config = config or _HF_DEFAULT_CONFIGS.get(repo)
+    try:
+        import datasets
+    except ImportError:
+        raise DataError("fmt='hf' needs the 'datasets' package: pip install datasets") from None
+    try:
+        ds = datasets.load_dataset(repo, config, split=split)
+    except Exception as e:  # hub, network, cache and config errors all surface here
+        raise DataError(
+            f"could not load Hugging Face data set {repo!r} (config {config!r}, split {split!r}): {e}. "
+            "No local file of that name exists either; without hub access, download the files "
+            "and pass their local path."
+        ) from e
+    missing = {"question", "answer"} - set(ds.column_names)
+    if missing:
+        raise DataError(f"{repo!r} has columns {ds.column_names}; fmt='hf' needs GSM8K-style 'question' and 'answer'")
+    return ((i, row) for i, row in enumerate(ds, start=1))
+
+
+def load_examples(
+    source: str,
+    split: str | None = None,
+    fmt: str = "auto",
+    limit: int | None = None,
+    offset: int = 0,
+    on_bad_row: str = "raise",
+) -> LoadResult:
+    """Load a reasoning data set from a file, a directory plus split, or the Hugging Face hub.
+
+    Args:
+        source: a file; a directory holding ``{split}.jsonl`` / ``.json`` / ``.txt``; or, with
+            fmt "hf" (or "auto" when no such path exists), a data set name ``owner/name`` with
+            an optional ``:config`` (``openai/gsm8k`` defaults to config "main").
+        split: the split to read from a directory or the hub; ignored for a file.
+        fmt: "auto" or one of :data:`FORMATS`. "auto" uses the suffix and the first row.
+        limit: at most this many rows (None: all), counted before parsing.
+        offset: rows to skip first (0-based), counted before parsing.
+        on_bad_row: "raise" to stop at the first unparseable row or duplicate id, "report" to
+            skip it and record a :class:`RowProblem`. Nothing is dropped silently.
+    Returns:
+        LoadResult with the examples in source order, the problems, the resolved source and fmt.
+    Raises:
+        ValueError: for an unknown fmt or on_bad_row, or a negative limit or offset.
+        DataError: if the source is missing or unreadable, its format cannot be detected, or
+            (with on_bad_row="raise") a row is bad; the message names the file and row.
+    """
+    if fmt != "auto" and fmt not in FORMATS:
+        raise ValueError(f"unknown data format {fmt!r}; choose 'auto' or one of {', '.join(FORMATS)}")
+    if on_bad_row not in ("raise", "report"):
+        raise ValueError(f"on_bad_row must be 'raise' or 'report', got {on_bad_row!r}")
+    if offset < 0 or (limit is not None and limit < 0):
+        raise ValueError(f"offset and limit must be >= 0, got offset={offset}, limit={limit}")
+
+    looks_like_hub = (fmt == "auto" and _HF_NAME_RE.match(source) is not None
+                      and not Path(source).expanduser().exists() and Path(source).suffix not in _FILE_SUFFIXES)
+    if fmt == "hf" or looks_like_hub:
+        fmt, where = "hf", source
+        rows: Iterable[tuple[int, Any]] = _hf_rows(source, split)
+        stem = f"{source.partition(':')[0].rsplit('/', 1)[-1]}-{split}"  # openai/gsm8k -> gsm8k-train
+    else:
+        path = _resolve_path(source, split)
+        if not path.is_file():
+            raise DataError(f"data file not found: {path}")
+        fmt = _detect(path) if fmt == "auto" else fmt
+        where, stem = str(path), path.stem
+        rows = enumerate(_json_list(path), start=1) if fmt in ("svamp", "multiarith") else _line_rows(path)
+
+    parse = _PARSERS[fmt]
+    examples: list[Example] = []
+    problems: list[RowProblem] = []
+    seen: set[str] = set()
+    window = itertools.islice(rows, offset, None if limit is None else offset + limit)
+    for index, (row, raw) in enumerate(window, start=offset):
+        try:
+            if isinstance(raw, _RowError):
+                raise raw
+            example = parse(raw, f"{stem}-{index:05d}")
+            if example.id in seen:
+                raise _RowError(f"duplicate id {example.id!r}")
+        except _RowError as e:
+            if on_bad_row == "raise":
+                raise DataError(f"{where}, row {row} (fmt={fmt}): {e}. Fix the row, or pass "
+                                "on_bad_row='report' to skip bad rows and list them") from None
+            problems.append(RowProblem(row, str(e)))
+            continue
+        seen.add(example.id)
+        examples.append(example)
+    return LoadResult(examples, problems, where, fmt)
+
+
+# --------------------------------------------------------------------------- traces
+
+
+def build_trace(example: Example, kind: str = "nl", drop_last_step: bool = False,
+                allow_empty: bool = False) -> str:
+    """Render the reasoning trace a teacher reads.
+
+    ``"nl"``: the CoT split into steps on newlines (stripped, empty lines dropped), joined with
+    ``"\\n"``. ``"equations"``: ``"<<48/2=24>> <<48+24=72>>"`` (iCoT / GSM8k-Aug style). For
+    normalised GSM8k-Aug rows the ``cot`` already is that equation string (one "nl" step):
+    use ``kind="equations"`` there to get steps.
+
+    ``drop_last_step`` removes the final step, as CODI (Shen et al. 2025) does so the teacher
+    cannot copy the answer. A trace of a single step is kept whole rather than emptied.
+
+    Args:
+        example: the row.
+        kind: one of :data:`TRACE_KINDS`.
+        drop_last_step: drop the last step when there are at least two.
+        allow_empty: return "" instead of raising when the example has no such trace.
+    Returns:
+        The trace text.
+    Raises:
+        ValueError: for an unknown kind.
+        DataError: if the trace is empty and allow_empty is False.
+    """
+    if kind == "nl":
+        steps = [s.strip() for s in example.cot.split("\n") if s.strip()]
+    elif kind == "equations":
+        steps = [f"<<{e.strip()}>>" for e in example.equations if e.strip()]
+    else:
+        raise ValueError(f"unknown trace kind {kind!r}; choose one of {TRACE_KINDS}")
+    if not steps and not allow_empty:
+        other = "equations" if kind == "nl" else "nl"
+        raise DataError(f"example {example.id!r} has no {kind!r} trace; try kind={other!r}, "
+                        "or allow_empty=True to train it without a trace")
+    if drop_last_step and len(steps) >= 2:
+        steps = steps[:-1]
+    return ("\n" if kind == "nl" else " ").join(steps)
+
+
+def dataset_fingerprint(examples: Iterable[Example]) -> str:
+    """SHA-256 over the ordered ``(id, question, answer)`` of every row.
+
+    Each field is length-prefixed (8-byte big-endian byte count, then UTF-8), so no two
+    different row lists hash alike by shifting text between fields. The CoT and equations are
+    deliberately left out: teachers that read different traces of the same rows share one
+    fingerprint, and a cache built from either matches the same training data.
+
+    Returns:
+        64 lowercase hex characters; changes with any row's text, the row order or count.
+    """
+    h = hashlib.sha256(b"kvkd.dataset_fingerprint.v1\x00")
+    for ex in examples:
+        for field in (ex.id, ex.question, ex.answer):
+            data = field.encode("utf-8")
+            h.update(len(data).to_bytes(8, "big"))
+            h.update(data)
+    return h.hexdigest()
