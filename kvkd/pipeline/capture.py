@@ -179,7 +179,7 @@ def capture_batch(model, batch: TeacherBatch) -> Capture:
     cos, sin = decoder.rotary_emb(hidden_states[0], position_ids)  # (B, T, D)
     scaling = getattr(attn0, "scaling", D**-0.5)
     key_pos = torch.arange(T)
-    ans_rows = pred_pos + 1  # (B, A) positions of the answer tokens
+    ans_rows = (boundary[:, None] + 1 + torch.arange(A)[None]).clamp(max=T - 1)  # (B, A) answer token positions (masked past each answer)
     keys, values, importance = [], [], []
     for i in range(len(layers)):
         k = _heads(hooks.k[i], D).float()  # (B, H_kv, T, D) pre-RoPE

@@ -1,0 +1,249 @@
+"""Read a teacher cache (any URL Zarr accepts), refusing anything not fully written.
+
+A reader trusts an example only if its ``written`` flag is 1 (see ``kvkd.cache.writer`` for the
+rules that make this safe) and, unless ``allow_incomplete=True``, only caches whose ``status``
+is ``complete``. Encoded arrays come back as float32; the others in their stored dtypes.
+Torch is imported lazily (``row``), so the cache package works without it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import zarr
+import zarr.errors
+
+from kvkd.cache.codecs import codec_from_json
+from kvkd.cache.errors import CacheError
+from kvkd.cache.schema import FLAG_ARRAY, SCHEMA_VERSION, CacheLayout
+
+if TYPE_CHECKING:
+    import torch
+
+_RESUME_HINT = "run `kvkd extract` again with the same arguments to resume it"
+
+
+class CacheReader:
+    """Read-only view of one cache (use ``CacheReader.open``).
+
+    Attributes:
+        url: the cache's location.
+        metadata: all group attributes (teacher, tokenizer, dataset, layout, codec, status ...).
+        layout: ``CacheLayout`` with ``examples_per_shard`` resolved.
+        codec: the storage codec of ``keys``/``values``/``hidden``.
+    """
+
+    def __init__(self, url: str, group: zarr.Group, allow_incomplete: bool):
+        self.url, self.group, self.allow_incomplete = url, group, allow_incomplete
+        self.metadata: dict[str, Any] = group.attrs.asdict()
+        self.layout = CacheLayout.from_json(self.metadata["layout"])
+        self.codec = codec_from_json(self.metadata["codec"])
+        self._specs = self.layout.row_specs()
+        self._arrays: dict[str, zarr.Array] = {}
+        for name in self.layout.arrays(self.codec):
+            try:
+                self._arrays[name] = group[name]
+            except KeyError:
+                raise CacheError(f"cache {url} has no array {name!r}; was its creation interrupted?") from None
+        self._flags = np.asarray(self._arrays[FLAG_ARRAY][:])  # (N,) uint8
+
+    @classmethod
+    def open(cls, url: str | Path, allow_incomplete: bool = False) -> CacheReader:
+        """Open the cache at ``url`` (local path or fsspec URL such as ``file://``, ``s3://``).
+
+        Raises:
+            CacheError: no cache there, a newer schema, or status not ``complete`` (unless
+                ``allow_incomplete``; the message says how to resume).
+        """
+        url = str(url)
+        try:
+            group = zarr.open_group(url, mode="r", zarr_format=3)
+        except (FileNotFoundError, zarr.errors.NodeNotFoundError, zarr.errors.GroupNotFoundError):
+            raise CacheError(f"no cache at {url}") from None
+        except (zarr.errors.ContainsArrayError, zarr.errors.NodeTypeValidationError):
+            raise CacheError(f"{url} is a Zarr array, not a kvkd cache group") from None
+        attrs = group.attrs.asdict()
+        version = attrs.get("schema_version")
+        if not isinstance(version, int):
+            raise CacheError(f"{url} is a Zarr group but not a kvkd cache (no schema_version)")
+        if version > SCHEMA_VERSION:
+            raise CacheError(f"cache {url} has schema {version}; this kvkd reads <= {SCHEMA_VERSION}: upgrade kvkd")
+        if attrs.get("status") != "complete" and not allow_incomplete:
+            raise CacheError(f"cache {url} is {attrs.get('status')!r}, not complete: {_RESUME_HINT}")
+        return cls(url, group, allow_incomplete)
+
+    def __len__(self) -> int:
+        return self.layout.num_examples
+
+    def __reduce__(self):
+        """Reopen by URL when sent to another process (e.g. spawned data-loader workers)."""
+        return _reopen, (self.url, self.allow_incomplete)
+
+    # ---- reading ------------------------------------------------------------------------------
+
+    def _indices(self, indices: Sequence[int] | slice) -> np.ndarray:
+        n = len(self)
+        if isinstance(indices, slice):
+            return np.arange(*indices.indices(n), dtype=np.int64)
+        idx = np.asarray(indices, dtype=np.int64).reshape(-1)
+        if ((idx < -n) | (idx >= n)).any():
+            raise IndexError(f"indices out of range for a cache of {n} examples: {idx[(idx < -n) | (idx >= n)][:5]}")
+        return np.where(idx < 0, idx + n, idx)
+
+    def _check_written(self, idx: np.ndarray) -> None:
+        if (self._flags[idx] == 1).all():
+            return
+        if self.allow_incomplete:  # a writer may have finished more shards since we opened
+            self._flags = np.asarray(self._arrays[FLAG_ARRAY][:])
+        bad = idx[self._flags[idx] != 1]  # in the order requested
+        if bad.size:
+            example = int(bad[0])
+            raise CacheError(
+                f"example {example} (shard {self.layout.shard_of(example)}) of cache {self.url} is not "
+                f"written ({np.unique(bad).size} of the requested examples are missing): {_RESUME_HINT}"
+            )
+
+    def read(self, indices: Sequence[int] | slice) -> dict[str, np.ndarray]:
+        """Read examples, in the order given.
+
+        Args:
+            indices: example indices (negative allowed, repeats allowed) or a slice.
+        Returns:
+            name -> array with a leading axis of len(indices): keys/values (n, L, H_kv, M, D) and
+            hidden (n, L+1, d) float32; slot_pos (n, L, H_kv, M) int32; slot_importance,
+            slot_score float32 and slot_valid bool of the same shape; cot_len, answer_len (n,)
+            int32; answer_nll (n,) float32.
+        Raises:
+            CacheError: if a requested example is not written (names example and shard).
+            IndexError: if an index is out of range.
+        """
+        idx = self._indices(indices)
+        self._check_written(idx)
+        uniq, inverse = np.unique(idx, return_inverse=True)
+        if uniq.size == 0:
+            return {k: np.zeros((0, *s.shape), s.dtype) for k, s in self._specs.items()}
+        contiguous = uniq[-1] - uniq[0] + 1 == uniq.size
+        stored = {}
+        for name in self._arrays:
+            if name == FLAG_ARRAY:
+                continue
+            arr = self._arrays[name]
+            # one call per array: a slice for a contiguous run, else orthogonal selection
+            stored[name] = arr[int(uniq[0]) : int(uniq[-1]) + 1] if contiguous else arr.oindex[uniq]
+        out = {}
+        for name, spec in self._specs.items():
+            if spec.encoded:
+                parts = {k[len(name):]: v for k, v in stored.items() if k == name or k == f"{name}_scale"}
+                out[name] = self.codec.decode(parts)
+            else:
+                out[name] = np.asarray(stored[name], dtype=spec.dtype)
+        if not np.array_equal(uniq, idx):
+            out = {k: v[inverse] for k, v in out.items()}
+        return out
+
+    def row(self, i: int) -> dict[str, torch.Tensor]:
+        """One example as torch tensors (shapes of ``read`` without the leading axis)."""
+        import torch
+
+        return {k: torch.from_numpy(np.asarray(v[0])) for k, v in self.read([i]).items()}  # 0-d for scalars
+
+    # ---- inspection ---------------------------------------------------------------------------
+
+    def info(self) -> dict[str, Any]:
+        """Summary for ``kvkd cache info`` (JSON-serialisable).
+
+        Returns:
+            dict with ``url``, ``metadata``, ``num_examples``, ``num_written``, ``num_shards``,
+            ``examples_per_shard``, ``arrays`` (name -> shape, dtype, chunks, shards, codecs,
+            stored_bytes), ``stored_bytes`` (sum of stored object sizes), ``bytes_per_example``
+            (stored bytes / written examples) and ``uncompressed_bytes_per_example``.
+        """
+        arrays, total = {}, 0
+        for name, arr in self._arrays.items():
+            nbytes = int(arr.nbytes_stored())
+            total += nbytes
+            arrays[name] = {
+                "shape": list(arr.shape),
+                "dtype": str(arr.dtype),
+                "chunks": list(arr.chunks),
+                "shards": list(arr.shards) if arr.shards else None,
+                "codecs": json.loads(json.dumps(arr.metadata.to_dict()["codecs"], default=str)),
+                "stored_bytes": nbytes,
+            }
+        written = int((np.asarray(self._arrays[FLAG_ARRAY][:]) == 1).sum())
+        return {
+            "url": self.url,
+            "metadata": self.metadata,
+            "num_examples": len(self),
+            "num_written": written,
+            "num_shards": self.layout.num_shards,
+            "examples_per_shard": self.layout.examples_per_shard,
+            "arrays": arrays,
+            "stored_bytes": total,
+            "bytes_per_example": total / max(written, 1),
+            "uncompressed_bytes_per_example": self.layout.bytes_per_example(self.codec),
+        }
+
+    def verify(self) -> list[str]:
+        """Check the cache; return problems found (empty list: all good).
+
+        Checks: status vs flags, unwritten shards, non-finite floats, slot_valid vs cot_len
+        (``min(cot_len, M)`` valid slots per layer and head), slot_pos (-1 exactly on empty slots,
+        in ``[0, cot_len)`` and increasing on kept ones), negative lengths.
+        """
+        problems = []
+        flags = np.asarray(self._arrays[FLAG_ARRAY][:])
+        status = self.metadata.get("status")
+        shards = range(self.layout.num_shards)
+        missing = [s for s in shards if not (flags[slice(*self.layout.shard_range(s))] == 1).all()]
+        if missing:
+            problems.append(f"{len(missing)} shard(s) not written: {_head(missing)}")
+            if status == "complete":
+                problems.append("status is 'complete' but some written flags are 0")
+        elif status != "complete":
+            problems.append(f"all shards are written but status is {status!r}: run `kvkd extract` again to finalize")
+        for name, spec in self.layout.arrays(self.codec).items():
+            arr = self._arrays[name]
+            if tuple(arr.shape) != (len(self), *spec.shape) or arr.dtype != spec.dtype:
+                want = (len(self), *spec.shape)
+                problems.append(f"array {name}: {arr.shape} {arr.dtype}, layout says {want} {spec.dtype}")
+        bad: dict[str, list[int]] = {}
+        for shard in range(self.layout.num_shards):
+            if shard in missing:
+                continue
+            start, stop = self.layout.shard_range(shard)
+            for check, examples in _check_rows(self.read(slice(start, stop)), self.layout.slots).items():
+                bad.setdefault(check, []).extend(int(e) + start for e in examples)
+        problems += [f"{check}: {len(ex)} example(s), e.g. {_head(ex)}" for check, ex in bad.items() if ex]
+        return problems
+
+
+def _reopen(url: str, allow_incomplete: bool) -> CacheReader:
+    return CacheReader.open(url, allow_incomplete=allow_incomplete)
+
+
+def _head(items: list[int], k: int = 5) -> str:
+    return ", ".join(map(str, items[:k])) + (" ..." if len(items) > k else "")
+
+
+def _check_rows(r: dict[str, np.ndarray], m: int) -> dict[str, np.ndarray]:
+    """Per-check example indices (within ``r``) that fail it."""
+    n = r["cot_len"].shape[0]
+    out = {}
+    for name in ("keys", "values", "hidden", "slot_importance", "slot_score", "answer_nll"):
+        out[f"non-finite {name}"] = np.flatnonzero(~np.isfinite(r[name].reshape(n, -1)).all(axis=1))
+    out["negative cot_len/answer_len"] = np.flatnonzero((r["cot_len"] < 0) | (r["answer_len"] < 0))
+    valid, pos = r["slot_valid"], r["slot_pos"]  # (n, L, H_kv, M)
+    want = np.minimum(r["cot_len"], m)[:, None, None]  # (n, 1, 1)
+    out["slot_valid count != min(cot_len, M)"] = np.flatnonzero((valid.sum(-1) != want).any(axis=(1, 2)))
+    empty_ok = np.where(valid, pos >= 0, pos == -1)
+    in_range = np.where(valid, pos < r["cot_len"][:, None, None, None], True)
+    out["slot_pos inconsistent with slot_valid/cot_len"] = np.flatnonzero(~(empty_ok & in_range).all(axis=(1, 2, 3)))
+    seen = np.maximum.accumulate(np.where(valid, pos, -1), axis=-1)  # largest kept position so far
+    order_ok = ~valid[..., 1:] | (pos[..., 1:] > seen[..., :-1])  # kept slots stay in CoT order
+    out["slot_pos not increasing on valid slots"] = np.flatnonzero(~order_ok.all(axis=(1, 2, 3)))
+    return out

@@ -1,0 +1,349 @@
+"""Write one teacher's cache shard by shard, crash-safely and resumably.
+
+Crash-safety rules (what a reader may rely on):
+
+1. **Data first, flags last.** ``write_shard`` writes every data array of a shard (whole shards,
+   no read-modify-write: an old shard object is deleted first), and only then sets the shard's
+   ``written`` flags (one chunk, one atomic object write). A process killed at any point leaves
+   the shard's flags at 0: readers refuse its examples and ``pending_shards`` hands it out again.
+2. **One writer per shard.** A writer claims ``{cache}/.claims/shard-{i}`` (O_EXCL, local file
+   systems; see ``kvkd.cache.claims``) while writing shard ``i``; parallel extraction splits work
+   on shard boundaries with ``pending_shards(part=(index, count))``. A shard whose flags are
+   already set is never rewritten (that would mean two writers overlap).
+3. **Complete only when every flag is set.** The group's ``status`` attribute is ``"incomplete"``
+   from creation until ``finalize()`` finds all flags at 1 and sets ``"complete"``.
+4. **Resume only the same cache.** Reopening an existing cache compares schema version, layout,
+   codec, compressor and every key of the given metadata (except volatile ones such as
+   ``created``) with what is stored; any difference raises ``CacheMismatchError`` naming it.
+
+Example:
+    writer = CacheWriter.open(url, layout, metadata)
+    for shard in writer.pending_shards():
+        with writer.claim(shard):  # optional: hold the shard while computing it
+            writer.write_shard(shard, compute_rows(*writer.layout.shard_range(shard)))
+    writer.finalize()
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import Iterator
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+import zarr.errors
+
+import kvkd
+from kvkd.cache import claims
+from kvkd.cache.codecs import Compressor, StorageCodec, get_codec
+from kvkd.cache.errors import CacheError, CacheMismatchError
+from kvkd.cache.schema import FLAG_ARRAY, SCHEMA_VERSION, CacheLayout
+
+RESERVED_KEYS = ("schema_version", "kvkd_version", "created", "completed", "status", "layout", "codec", "compressor")
+VOLATILE_KEYS = frozenset({"created", "completed", "updated", "host", "hostname", "pid", "elapsed_s", "wall_s"})
+"""Metadata keys (at any depth) that may differ between runs of one extraction."""
+_MISSING = "<missing>"
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _as_json(d: dict[str, Any], what: str) -> dict[str, Any]:
+    """``d`` after a strict JSON round trip (tuples become lists; NaN and objects are refused)."""
+    try:
+        return json.loads(json.dumps(d, allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{what} must be plain JSON (no NaN, no objects): {e}") from None
+
+
+def first_difference(stored: Any, given: Any, prefix: str = "", keys: str = "given") -> tuple[str, Any, Any] | None:
+    """First dotted path where two JSON values differ, as ``(path, stored, given)``.
+
+    Args:
+        keys: ``"given"`` compares only keys present in ``given`` (and skips ``VOLATILE_KEYS``);
+            ``"both"`` compares the union of keys.
+    """
+    if isinstance(stored, dict) and isinstance(given, dict):
+        names = list(given) + ([k for k in stored if k not in given] if keys == "both" else [])
+        for k in names:
+            if keys == "given" and k in VOLATILE_KEYS:
+                continue
+            diff = first_difference(stored.get(k, _MISSING), given.get(k, _MISSING), f"{prefix}{k}.", keys)
+            if diff:
+                return diff
+        return None
+    return None if stored == given else (prefix.rstrip("."), stored, given)
+
+
+class CacheWriter:
+    """Writer of one cache group (use ``CacheWriter.open``).
+
+    Attributes:
+        url: where the cache lives (local path or fsspec URL).
+        layout: the resolved layout (``examples_per_shard`` > 0).
+        codec: storage codec of ``keys``/``values``/``hidden``.
+        compressor: byte compressor of every array.
+    """
+
+    def __init__(self, url: str, group: zarr.Group, layout: CacheLayout, codec: StorageCodec, compressor: Compressor):
+        self.url, self.group, self.layout, self.codec, self.compressor = url, group, layout, codec, compressor
+        self._claims_dir = claims.claims_dir(url)
+        self._held: dict[int, claims.Claim] = {}
+        self._arrays = self._ensure_arrays()
+
+    # ---- opening ------------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        url: str | Path,
+        layout: CacheLayout,
+        metadata: dict[str, Any],
+        codec: str | dict[str, Any] | StorageCodec = "float16",
+        compressor: Compressor = Compressor("zstd", 3),
+        overwrite: bool = False,
+    ) -> CacheWriter:
+        """Create the cache at ``url``, or reopen it to resume.
+
+        Args:
+            url: local path or fsspec URL of the Zarr group.
+            layout: sizes; ``examples_per_shard=0`` picks ~32 MiB shards.
+            metadata: JSON dict (teacher, tokenizer, dataset with ``fingerprint``, prompt,
+                compression ...) stored as group attributes, next to ``schema_version``,
+                ``kvkd_version``, ``created``, ``status``, ``layout``, ``codec``, ``compressor``.
+            codec: storage codec name (``"float16"``, ``"bfloat16"``, ``"float32"``, ``"int8"``) or JSON.
+            compressor: byte compressor.
+            overwrite: delete an existing cache at ``url`` and start afresh (single writer only).
+        Raises:
+            CacheMismatchError: the existing cache differs (names the field and both values).
+            CacheError: ``url`` is a non-empty directory that is not a Zarr group.
+            ValueError: metadata is not plain JSON or uses a reserved key.
+        """
+        url = str(url)
+        local = claims.claims_dir(url)
+        # Local URLs go through zarr's LocalStore (atomic writes, creates folders); fsspec's
+        # file:// store needs auto_mkdir and writes in place.
+        target = str(local.parent) if local is not None else url
+        codec = get_codec(codec)
+        layout = layout.resolved(codec)
+        meta = _as_json(metadata, "cache metadata")
+        reserved = sorted(set(meta) & set(RESERVED_KEYS))
+        if reserved:
+            raise ValueError(f"metadata keys {reserved} are reserved for the cache itself")
+        header = {
+            "schema_version": SCHEMA_VERSION,
+            "layout": layout.to_json(),
+            "codec": codec.to_json(),
+            "compressor": compressor.to_json(),
+        }
+        _refuse_foreign_directory(local)
+        if not overwrite:
+            existing = _open_existing(target)
+            if existing is not None:
+                _check_same(url, existing.attrs.asdict(), header, meta)
+                return cls(url, existing, layout, codec, compressor)
+        attrs = {**meta, **header, "kvkd_version": kvkd.__version__, "created": now_iso(), "status": "incomplete"}
+        try:
+            group = zarr.open_group(target, mode="w" if overwrite else "w-", attributes=attrs, zarr_format=3)
+        except zarr.errors.ContainsGroupError:  # another writer created it a moment ago
+            existing = _open_existing(target)
+            _check_same(url, existing.attrs.asdict(), header, meta)
+            group = existing
+        return cls(url, group, layout, codec, compressor)
+
+    def _ensure_arrays(self) -> dict[str, zarr.Array]:
+        """Open every array, creating missing ones (identical specs for concurrent creators)."""
+        eps, n = self.layout.examples_per_shard, self.layout.num_examples
+        out = {}
+        for name, spec in self.layout.arrays(self.codec).items():
+            try:
+                out[name] = self.group[name]
+                continue
+            except KeyError:
+                pass
+            sharded = name != FLAG_ARRAY
+            try:
+                out[name] = self.group.create_array(
+                    name,
+                    shape=(n, *spec.shape),
+                    dtype=spec.dtype,
+                    chunks=(1, *spec.shape) if sharded else (eps,),
+                    shards=(eps, *spec.shape) if sharded else None,
+                    compressors=self.compressor.zarr_codecs(),
+                    filters=None,
+                    fill_value=-1 if name == "slot_pos" else 0,
+                )
+            except zarr.errors.ContainsArrayError:
+                out[name] = self.group[name]
+        return out
+
+    @property
+    def metadata(self) -> dict[str, Any]:
+        """The group attributes as stored when this writer opened the cache."""
+        return self.group.attrs.asdict()
+
+    # ---- work list ----------------------------------------------------------------------------
+
+    def _flags(self) -> np.ndarray:
+        return np.asarray(self._arrays[FLAG_ARRAY][:])  # (N,) uint8
+
+    def pending_shards(self, part: tuple[int, int] | None = None) -> list[int]:
+        """Shards whose ``written`` flags are not all 1, ascending.
+
+        Args:
+            part: ``(index, count)`` keeps shards with ``shard % count == index`` (one of
+                ``count`` parallel writers).
+        Raises:
+            ValueError: if ``count < 1`` or ``index`` not in ``[0, count)``.
+        """
+        if part is not None:
+            index, count = part
+            if count < 1 or not 0 <= index < count:
+                raise ValueError(f"part must be (index, count) with 0 <= index < count, got {part}")
+        flags = self._flags()
+        pending = []
+        for shard in range(self.layout.num_shards):
+            if part is not None and shard % part[1] != part[0]:
+                continue
+            start, stop = self.layout.shard_range(shard)
+            if not (flags[start:stop] == 1).all():
+                pending.append(shard)
+        return pending
+
+    # ---- writing ------------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def claim(self, shard: int) -> Iterator[None]:
+        """Hold shard ``shard`` for this writer (re-entrant); see ``kvkd.cache.claims``.
+
+        Raises:
+            CacheError: if another live writer holds it.
+        """
+        self.layout.shard_range(shard)  # IndexError if out of range
+        if shard in self._held:
+            yield
+            return
+        self._held[shard] = claims.acquire(self._claims_dir, shard)
+        try:
+            yield
+        finally:
+            self._held.pop(shard).release()
+
+    def write_shard(self, shard: int, rows: dict[str, np.ndarray]) -> None:
+        """Write all examples of ``shard``: data arrays first, then its ``written`` flags.
+
+        Args:
+            shard: shard index in ``[0, layout.num_shards)``.
+            rows: every array of ``layout.row_specs()``, each ``(n, *per_example_shape)`` with
+                ``n = stop - start`` of ``layout.shard_range(shard)``; float32 for keys, values,
+                hidden; int32 slot_pos/cot_len/answer_len, float32 slot_importance/slot_score/
+                answer_nll, bool slot_valid. Floats must be finite.
+        Raises:
+            CacheError: wrong names/shapes/dtypes, non-finite or unrepresentable values (names
+                the array), shard already written, or shard held by another writer.
+        """
+        start, stop = self.layout.shard_range(shard)
+        stored = self._encode_rows(rows, stop - start)
+        with self.claim(shard):
+            if (self._flags()[start:stop] == 1).all():
+                raise CacheError(
+                    f"shard {shard} of {self.url} is already written; overlapping writers? "
+                    "take work from pending_shards()"
+                )
+            for name, data in stored.items():  # data first ...
+                arr = self._arrays[name]
+                shard_key = arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
+                (arr.store_path / shard_key).delete_sync()  # never merge into a stale shard object
+                arr[start:stop] = data
+            self._write_flags(shard, 1)  # ... flags last
+
+    def _write_flags(self, shard: int, value: int) -> None:
+        start, stop = self.layout.shard_range(shard)
+        self._arrays[FLAG_ARRAY][start:stop] = np.full(stop - start, value, dtype=np.uint8)
+
+    def _encode_rows(self, rows: dict[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+        """Validate logical rows and return stored arrays by name (codec parts expanded)."""
+        specs = self.layout.row_specs()
+        missing, extra = sorted(set(specs) - set(rows)), sorted(set(rows) - set(specs))
+        if missing or extra:
+            raise CacheError(f"rows must hold exactly {sorted(specs)}; missing {missing}, unexpected {extra}")
+        stored = {}
+        for name, spec in specs.items():
+            x = np.asarray(rows[name])
+            want = (n, *spec.shape)
+            if x.shape != want:
+                raise CacheError(f"array {name!r}: expected shape {want}, got {x.shape}")
+            if x.dtype != spec.dtype:
+                raise CacheError(f"array {name!r}: expected dtype {spec.dtype}, got {x.dtype}")
+            if x.dtype.kind == "f" and not np.isfinite(x).all():
+                bad = int(np.argwhere(~np.isfinite(x).reshape(n, -1).all(axis=1))[0, 0])
+                raise CacheError(f"array {name!r}: non-finite values (first at shard row {bad})")
+            if not spec.encoded:
+                stored[name] = x
+                continue
+            try:
+                parts = self.codec.encode(x)
+            except ValueError as e:
+                raise CacheError(f"array {name!r}: {e}") from None
+            stored.update({name + suffix: part for suffix, part in parts.items()})
+        return stored
+
+    # ---- completion ---------------------------------------------------------------------------
+
+    def stored_bytes(self) -> int:
+        """Bytes the cache's arrays take in the store now (compressed, all arrays)."""
+        return sum(int(arr.nbytes_stored()) for arr in self._arrays.values())
+
+    def finalize(self) -> bool:
+        """Mark the cache ``complete`` iff every ``written`` flag is 1; return whether it is."""
+        if not (self._flags() == 1).all():
+            return False
+        self.group.update_attributes({"status": "complete", "completed": now_iso()})
+        claims.remove_claims_dir(self._claims_dir)
+        return True
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+
+
+def _open_existing(url: str) -> zarr.Group | None:
+    try:
+        return zarr.open_group(url, mode="r+", zarr_format=3)
+    except (FileNotFoundError, zarr.errors.NodeNotFoundError, zarr.errors.GroupNotFoundError):
+        return None
+
+
+def _refuse_foreign_directory(claims_dir: Path | None) -> None:
+    """Never create in (or wipe) a local non-empty directory that is not a Zarr group."""
+    root = claims_dir.parent if claims_dir is not None else None
+    if root is not None and root.is_dir() and not (root / "zarr.json").exists() and any(root.iterdir()):
+        raise CacheError(f"{root} exists and is not a kvkd cache; choose another path")
+
+
+def _check_same(url: str, stored: dict[str, Any], header: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Raise CacheMismatchError on the first field where the existing cache differs."""
+    if "schema_version" not in stored:
+        raise CacheMismatchError(
+            f"{url} holds a Zarr group that is not a kvkd cache (no schema_version); "
+            "choose another path or pass overwrite=True (--overwrite) to replace it",
+            "schema_version",
+            {"existing": _MISSING, "requested": SCHEMA_VERSION},
+        )
+    diff = None
+    for key, value in header.items():  # the cache's own description: every sub-field counts
+        diff = diff or first_difference(stored.get(key, _MISSING), value, f"{key}.", keys="both")
+    diff = diff or first_difference(stored, meta, keys="given")
+    if diff is None:
+        return
+    field, old, new = diff
+    raise CacheMismatchError(
+        f"cache at {url} was created with {field} = {old!r}, this run asks for {new!r}; "
+        "choose another output path, or pass overwrite=True (--overwrite) to replace the cache",
+        field,
+        {"existing": old, "requested": new},
+    )

@@ -1,0 +1,325 @@
+"""The ``kvkd`` command line (Typer): parse, resolve the config, call one library function,
+print a summary. Every option can also come from ``--config FILE`` (YAML/TOML/JSON, flat or
+with a section per command); flags given on the command line override the file."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from kvkd.config import ConfigError, default_of, resolve
+from kvkd.demo import DemoConfig
+from kvkd.eval.evaluate import EvalConfig
+from kvkd.pipeline.extract import ExtractConfig
+from kvkd.train.trainer import TrainConfig
+
+app = typer.Typer(help="kvkd: multi-teacher KV-cache distillation of LLM reasoning (KaVa/CODI).", no_args_is_help=True, add_completion=False)
+cache_app = typer.Typer(help="Inspect and verify teacher caches.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+console = Console()
+
+CONFIG_HELP = "YAML/TOML/JSON file of options (flat, or a section per command); flags override it."
+
+
+def _d(cls, name):
+    return f"[default: {default_of(cls, name)}]"
+
+
+def _fail(err: Exception) -> None:
+    console.print(f"[bold red]error:[/] {err}")
+    raise typer.Exit(code=2)
+
+
+def _progress(unit: str) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
+        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+    )
+
+
+def _codec_names(codecs) -> str:
+    """Compact codec chain, e.g. ``sharding_indexed[bytes>zstd(3)]``."""
+    names = []
+    for c in codecs or []:
+        if not isinstance(c, dict):
+            names.append(str(c))
+            continue
+        conf = c.get("configuration") or {}
+        if c.get("name") == "sharding_indexed":
+            names.append(f"shard[{_codec_names(conf.get('codecs'))}]")
+        elif "level" in conf:
+            names.append(f"{c['name']}({conf['level']}{',' + str(conf['shuffle']) if 'shuffle' in conf else ''})")
+        else:
+            names.append(str(c.get("name")))
+    return ">".join(names)
+
+
+def _print_summary(title: str, data: dict) -> None:
+    table = Table(title=title, show_header=False)
+    for k, v in data.items():
+        if isinstance(v, float):
+            v = f"{v:,.3f}"
+        elif isinstance(v, (list, dict)):
+            v = json.dumps(v)
+        table.add_row(k, str(v))
+    console.print(table)
+
+
+# ----------------------------------------------------------------------------- extract
+@app.command()
+def extract(
+    model: Optional[str] = typer.Option(None, help=f"Teacher: `smollm2` (packaged GGUF), a .gguf file, a model folder or a hub id. {_d(ExtractConfig, 'model')}"),
+    data: Optional[str] = typer.Option(None, help="Data: a JSONL/TXT/JSON file, a folder (with --split), or a Hugging Face data set name."),
+    out: Optional[str] = typer.Option(None, help="Output cache (Zarr v3 group): a path or an fsspec URL."),
+    split: Optional[str] = typer.Option(None, help="Split (file stem in a folder, or hub split)."),
+    data_format: Optional[str] = typer.Option(None, "--format", help=f"Data format: auto, jsonl, gsm8k, icot, svamp, hf. {_d(ExtractConfig, 'data_format')}"),
+    offset: Optional[int] = typer.Option(None, help=f"First row used (rows). {_d(ExtractConfig, 'offset')}"),
+    limit: Optional[int] = typer.Option(None, help="Number of rows used [default: all]."),
+    trace: Optional[str] = typer.Option(None, help=f"CoT the teacher reads: nl (natural language) or equations. {_d(ExtractConfig, 'trace')}"),
+    drop_last_step: Optional[bool] = typer.Option(None, "--drop-last-step/--keep-last-step", help=f"Drop the CoT's last step (CODI). {_d(ExtractConfig, 'drop_last_step')}"),
+    slots: Optional[int] = typer.Option(None, help=f"M: KV slots kept per (layer, KV head). {_d(ExtractConfig, 'slots')}"),
+    lam: Optional[float] = typer.Option(None, "--lambda", help=f"KaVa eviction score weight of importance vs uniqueness, in [0, 1]. {_d(ExtractConfig, 'lam')}"),
+    batch_size: Optional[int] = typer.Option(None, help=f"Examples per teacher forward. {_d(ExtractConfig, 'batch_size')}"),
+    dtype: Optional[str] = typer.Option(None, help=f"Teacher dtype: float32, bfloat16, float16. {_d(ExtractConfig, 'dtype')}"),
+    codec: Optional[str] = typer.Option(None, help=f"Storage codec: float16, bfloat16, int8 (with scales), float32. {_d(ExtractConfig, 'codec')}"),
+    compressor: Optional[str] = typer.Option(None, help=f"Byte compressor: zstd:LEVEL, blosc:LEVEL:byte|bit|none, none. {_d(ExtractConfig, 'compressor')}"),
+    examples_per_shard: Optional[int] = typer.Option(None, help="Examples per shard file (0 = about 32 MB of data per shard) [default: 0]."),
+    overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an existing cache at --out instead of resuming it."),
+    trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Let the checkpoint run its own Python code (off by default)."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (0 = torch's default) [default: 0]."),
+    config: Optional[str] = typer.Option(None, help=CONFIG_HELP),
+):
+    """Run one teacher over a data set and write its compressed KV cache (resumable)."""
+    from kvkd.pipeline.extract import extract as run_extract
+
+    flags = dict(model=model, data=data, out=out, split=split, data_format=data_format, offset=offset, limit=limit, trace=trace,
+                 drop_last_step=drop_last_step, slots=slots, lam=lam, batch_size=batch_size, dtype=dtype, codec=codec,
+                 compressor=compressor, examples_per_shard=examples_per_shard, overwrite=overwrite,
+                 trust_remote_code=trust_remote_code, num_threads=threads)
+    try:
+        cfg = resolve(ExtractConfig, "extract", config, flags)
+        with _progress("examples") as prog:
+            task = prog.add_task("extract", total=None, rate="")
+
+            def on_progress(p):
+                prog.update(task, total=p.total, completed=p.done, rate=f"{p.tokens / max(p.elapsed_s, 1e-9):,.0f} tokens/s")
+
+            summary = run_extract(cfg, on_progress=on_progress)
+    except (ValueError, ConfigError, FileNotFoundError, RuntimeError) as err:
+        _fail(err)
+    for p in summary.problems:
+        console.print(f"[yellow]skipped row {p['row']}: {p['reason']}[/]")
+    _print_summary("extraction", asdict(summary))
+
+
+# ----------------------------------------------------------------------------- train
+def _router_options(weights: Optional[str], options: Optional[List[str]]) -> Optional[dict]:
+    if weights is None and not options:
+        return None
+    out: dict = {}
+    if weights:
+        out["weights"] = [float(x) for x in weights.split(",")]
+    for item in options or []:
+        if "=" not in item:
+            raise ConfigError(f"--router-option {item!r}: use KEY=VALUE")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+@app.command()
+def train(
+    cache: Optional[List[str]] = typer.Option(None, help="A teacher cache (path or URL); repeat for several teachers."),
+    out: Optional[str] = typer.Option(None, help="Run folder (config, log.jsonl, checkpoints, summary); resumed if it has checkpoints."),
+    student: Optional[str] = typer.Option(None, help=f"Student: smollm2, a .gguf, a folder or a hub id. {_d(TrainConfig, 'student')}"),
+    data: Optional[str] = typer.Option(None, help="Training data [default: the data set recorded in the caches]."),
+    split: Optional[str] = typer.Option(None, help="Split of --data."),
+    data_format: Optional[str] = typer.Option(None, "--format", help="Format of --data (auto, jsonl, gsm8k, icot, svamp, hf)."),
+    offset: Optional[int] = typer.Option(None, help="First row of --data [default: the caches']."),
+    limit: Optional[int] = typer.Option(None, help="Rows of --data [default: the caches']."),
+    steps: Optional[int] = typer.Option(None, help=f"Optimiser steps. {_d(TrainConfig, 'steps')}"),
+    batch_size: Optional[int] = typer.Option(None, help=f"Examples per step. {_d(TrainConfig, 'batch_size')}"),
+    lr: Optional[float] = typer.Option(None, help=f"Peak learning rate (linear warm-up, linear decay). {_d(TrainConfig, 'lr')}"),
+    warmup_steps: Optional[int] = typer.Option(None, help=f"Warm-up steps. {_d(TrainConfig, 'warmup_steps')}"),
+    a1: Optional[float] = typer.Option(None, help=f"Weight of CODI's hidden-state loss. {_d(TrainConfig, 'a1')}"),
+    a2: Optional[float] = typer.Option(None, help=f"Weight of KaVa's KV loss. {_d(TrainConfig, 'a2')}"),
+    kv_loss: Optional[str] = typer.Option(None, help=f"KV loss: smooth_l1 (p=1) or mse (p=2). {_d(TrainConfig, 'kv_loss')}"),
+    hidden_loss: Optional[str] = typer.Option(None, help=f"CODI loss: smooth_l1 or mse. {_d(TrainConfig, 'hidden_loss')}"),
+    std_norm: Optional[bool] = typer.Option(None, "--std-norm/--no-std-norm", help=f"Per-layer teacher-std normalisation of the distillation losses. {_d(TrainConfig, 'std_norm')}"),
+    router: Optional[str] = typer.Option(None, help=f"Router: fixed, similarity, learnable. {_d(TrainConfig, 'router')}"),
+    router_weights: Optional[str] = typer.Option(None, help="Fixed router weights, comma-separated, one per --cache (normalised)."),
+    router_option: Optional[List[str]] = typer.Option(None, help="Router option KEY=VALUE (JSON value), e.g. temperature=0.5; repeatable."),
+    layer_map: Optional[str] = typer.Option(None, help=f"Teacher layer for each student layer: proportional or last. {_d(TrainConfig, 'layer_map')}"),
+    lora: Optional[bool] = typer.Option(None, "--lora/--no-lora", help="Train LoRA adapters (peft) instead of all weights [default: lora]."),
+    lora_r: Optional[int] = typer.Option(None, help=f"LoRA rank. {_d(TrainConfig, 'lora_r')}"),
+    lora_alpha: Optional[int] = typer.Option(None, help=f"LoRA alpha. {_d(TrainConfig, 'lora_alpha')}"),
+    latents: Optional[int] = typer.Option(None, help="M continuous thoughts (0 = the caches' M) [default: 0]."),
+    seed: Optional[int] = typer.Option(None, help=f"Random seed. {_d(TrainConfig, 'seed')}"),
+    workers: Optional[int] = typer.Option(None, help=f"DataLoader worker processes reading the caches. {_d(TrainConfig, 'num_workers')}"),
+    save_every: Optional[int] = typer.Option(None, help=f"Steps between checkpoints (0 = at the end only). {_d(TrainConfig, 'save_every')}"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (0 = torch's default) [default: 0]."),
+    config: Optional[str] = typer.Option(None, help=CONFIG_HELP),
+):
+    """Train a latent (CODI/KaVa) student against teacher caches with a router; no teacher is loaded."""
+    from kvkd.train.trainer import train as run_train
+
+    try:
+        flags = dict(caches=cache or None, out=out, student=student, data=data, split=split, data_format=data_format, offset=offset,
+                     limit=limit, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, a1=a1, a2=a2, kv_loss=kv_loss,
+                     hidden_loss=hidden_loss, std_norm=std_norm, router=router, router_options=_router_options(router_weights, router_option),
+                     layer_map=layer_map, use_lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, latents=latents, seed=seed,
+                     num_workers=workers, save_every=save_every, num_threads=threads)
+        cfg = resolve(TrainConfig, "train", config, flags)
+        with _progress("steps") as prog:
+            task = prog.add_task("train", total=cfg.steps, rate="")
+
+            def on_step(e):
+                w = " ".join(f"{x:.2f}" for x in e.weights)
+                prog.update(task, completed=e.step, rate=f"loss {e.loss:.3f} ce {e.ce:.3f} w [{w}] {e.step_s:.2f} s/step")
+
+            summary = run_train(cfg, on_step=on_step)
+    except (ValueError, KeyError, TypeError, ConfigError, FileNotFoundError, RuntimeError) as err:
+        _fail(err)
+    _print_summary("training", asdict(summary))
+
+
+# ----------------------------------------------------------------------------- eval
+@app.command("eval")
+def eval_cmd(
+    run: Optional[str] = typer.Option(None, help="A `kvkd train` run folder (latent mode)."),
+    model: Optional[str] = typer.Option(None, help="A plain model (smollm2, .gguf, folder, hub id) for the nocot/cot baselines or --untrained."),
+    mode: Optional[str] = typer.Option(None, help=f"latent, nocot or cot. {_d(EvalConfig, 'mode')}"),
+    untrained: Optional[bool] = typer.Option(None, "--untrained", help="Latent mode with a fresh, untrained latent student built from --model."),
+    latents: Optional[int] = typer.Option(None, help=f"M for --untrained. {_d(EvalConfig, 'latents')}"),
+    data: Optional[str] = typer.Option(None, help="Evaluation data (file, folder with --split, or hub name)."),
+    split: Optional[str] = typer.Option(None, help="Split of --data."),
+    data_format: Optional[str] = typer.Option(None, "--format", help="Format of --data (auto, jsonl, gsm8k, icot, svamp, hf)."),
+    offset: Optional[int] = typer.Option(None, help=f"First row. {_d(EvalConfig, 'offset')}"),
+    limit: Optional[int] = typer.Option(None, help="Rows evaluated [default: all]."),
+    batch_size: Optional[int] = typer.Option(None, help=f"Examples per decoding batch. {_d(EvalConfig, 'batch_size')}"),
+    max_new_tokens: Optional[int] = typer.Option(None, help=f"Generated tokens at most (answer). {_d(EvalConfig, 'max_new_tokens')}"),
+    answer_check: Optional[str] = typer.Option(None, help=f"numeric (GSM8K-style) or math (math-verify, MATH500). {_d(EvalConfig, 'answer_check')}"),
+    out: Optional[str] = typer.Option(None, help="Per-example predictions JSONL [default: RUN/predictions.jsonl or ./predictions.jsonl]."),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (0 = default) [default: 0]."),
+    config: Optional[str] = typer.Option(None, help=CONFIG_HELP),
+):
+    """Evaluate a trained run (latent decoding) or a plain model; accuracy with 95% CI and gold-answer NLL."""
+    from kvkd.eval.evaluate import evaluate
+    from kvkd.eval.report import results_table
+
+    flags = dict(run=run, model=model, mode=mode, untrained=untrained, latents=latents, data=data, split=split, data_format=data_format,
+                 offset=offset, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, answer_check=answer_check, out=out,
+                 num_threads=threads)
+    try:
+        cfg = resolve(EvalConfig, "eval", config, flags)
+        if not cfg.data:
+            raise ConfigError("no evaluation data: pass --data")
+        with _progress("examples") as prog:
+            task = prog.add_task("eval", total=None, rate="")
+            result = evaluate(cfg, on_progress=lambda d, n: prog.update(task, completed=d, total=n))
+    except (ValueError, KeyError, ConfigError, FileNotFoundError, RuntimeError) as err:
+        _fail(err)
+    console.print(results_table([result]))
+    console.print(f"predictions: {result.predictions}")
+
+
+# ----------------------------------------------------------------------------- cache
+@cache_app.command("info")
+def cache_info(path: str = typer.Argument(..., help="Cache path or URL."), as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+    """Print a cache's metadata, array shapes, dtypes, codecs and sizes."""
+    from kvkd.cache.reader import CacheReader
+
+    try:
+        info = CacheReader.open(path, allow_incomplete=True).info()
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        _fail(err)
+    if as_json:
+        console.print_json(json.dumps(info, default=str))
+        return
+    meta = info.get("metadata", {})
+    _print_summary(f"cache {path}", {k: v for k, v in meta.items()})
+    table = Table("array", "shape", "dtype", "chunks", "shards", "codecs", "stored bytes")
+    for name, a in info.get("arrays", {}).items():
+        table.add_row(name, str(a.get("shape")), str(a.get("dtype")), str(a.get("chunks")), str(a.get("shards")), _codec_names(a.get("codecs")), f"{a.get('stored_bytes', 0):,}")
+    console.print(table)
+    console.print({k: v for k, v in info.items() if k not in ("metadata", "arrays")})
+
+
+@cache_app.command("verify")
+def cache_verify(path: str = typer.Argument(..., help="Cache path or URL.")):
+    """Check a cache's flags, values and status; exit 1 if a problem is found."""
+    from kvkd.cache.reader import CacheReader
+
+    try:
+        problems = CacheReader.open(path, allow_incomplete=True).verify()
+    except (ValueError, FileNotFoundError, RuntimeError) as err:
+        _fail(err)
+    if problems:
+        for p in problems:
+            console.print(f"[red]- {p}[/]")
+        raise typer.Exit(code=1)
+    console.print("[green]cache OK[/]")
+
+
+# ----------------------------------------------------------------------------- demo
+@app.command()
+def demo(
+    out: Optional[str] = typer.Option(None, help=f"Output folder. {_d(DemoConfig, 'out')}"),
+    model: Optional[str] = typer.Option(None, help=f"Teacher and student model. {_d(DemoConfig, 'model')}"),
+    data_dir: Optional[str] = typer.Option(None, help="GSM8K folder with train.jsonl/test.jsonl [default: the packaged 64/40-row sample]."),
+    train_rows: Optional[int] = typer.Option(None, help=f"Training rows extracted and trained on. {_d(DemoConfig, 'train_rows')}"),
+    test_rows: Optional[int] = typer.Option(None, help=f"Test rows evaluated. {_d(DemoConfig, 'test_rows')}"),
+    steps: Optional[int] = typer.Option(None, help=f"Training steps. {_d(DemoConfig, 'steps')}"),
+    batch_size: Optional[int] = typer.Option(None, help=f"Training batch size. {_d(DemoConfig, 'batch_size')}"),
+    slots: Optional[int] = typer.Option(None, help=f"M slots / latent thoughts. {_d(DemoConfig, 'slots')}"),
+    router: Optional[str] = typer.Option(None, help=f"Router. {_d(DemoConfig, 'router')}"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads (0 = default) [default: 0]."),
+    config: Optional[str] = typer.Option(None, help=CONFIG_HELP),
+):
+    """The main job: extract two SmolLM2 teachers (NL and equation CoT), train a LoRA student with a router, evaluate, report."""
+    from kvkd.demo import run_demo
+
+    flags = dict(out=out, model=model, data_dir=data_dir, train_rows=train_rows, test_rows=test_rows, steps=steps,
+                 batch_size=batch_size, slots=slots, router=router, threads=threads)
+    try:
+        cfg = resolve(DemoConfig, "demo", config, flags)
+        with _progress("") as prog:
+            task = prog.add_task("demo", total=None, rate="")
+
+            def ext(p):
+                prog.update(task, total=p.total, completed=p.done, rate=f"{p.tokens / max(p.elapsed_s, 1e-9):,.0f} tokens/s")
+
+            def stp(e):
+                prog.update(task, total=cfg.steps, completed=e.step, rate=f"loss {e.loss:.3f} ce {e.ce:.3f} {e.step_s:.2f} s/step")
+
+            def stage(msg):
+                prog.console.print(f"[bold cyan]>>[/] {msg}")
+                prog.reset(task, description=msg.split(" ")[0])
+
+            result = run_demo(cfg, on_stage=stage, progress={"extract": ext, "train": stp, "eval": lambda d, n: prog.update(task, completed=d, total=n, rate="")})
+    except (ValueError, KeyError, ConfigError, FileNotFoundError, RuntimeError) as err:
+        _fail(err)
+    for s in result.extract:
+        console.print(f"cache {s['path']}: {s['examples']} examples, {s['tokens_per_s']:,.0f} tokens/s, {s['bytes_per_example']:,.0f} bytes/example")
+    console.print(f"training: {result.train['steps']} steps, {result.train['mean_step_s']:.2f} s/step, mean router weights {[round(w, 3) for w in result.train['mean_weights']]}")
+    console.print(result.table)
+    console.print(f"report: {result.report_dir}  (results.md, results.json, training.png)   wall time {result.wall_s:.0f} s")
+
+
+def main() -> None:  # pragma: no cover
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

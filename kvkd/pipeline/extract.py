@@ -1,0 +1,290 @@
+"""``kvkd extract``: run one teacher over a data set and write its compressed cache.
+
+The loop works shard by shard: every pending shard of the store (see
+``kvkd.cache.writer``) is filled in memory, batch by batch (examples sorted by length
+inside the shard to cut padding), then written in one go; a shard whose flags are not set
+is redone on the next call, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from kvkd.cache.codecs import Compressor
+from kvkd.cache.schema import CacheLayout
+from kvkd.cache.writer import CacheWriter
+from kvkd.data import Example, LoadResult, build_trace, dataset_fingerprint, load_examples
+from kvkd.models import LoadedModel, key_module, decoder_layers, load_model, tokenizer_identity
+from kvkd.pipeline.capture import TeacherBatch, capture_batch
+from kvkd.pipeline.compress import DEFAULT_LAMBDA, gather_slots, select_slots
+from kvkd.prompts import PromptTemplate, token_span
+
+
+@dataclass
+class ExtractConfig:
+    """Options of ``kvkd extract`` (defaults live here and only here).
+
+    Attributes:
+        model: teacher spec: ``smollm2``, a .gguf file, a model folder or a hub id.
+        data: data set path (file or folder), or a Hugging Face data set name.
+        out: output store path or fsspec URL (one Zarr v3 group per teacher).
+        split: split name for folders / hub data sets.
+        data_format: ``auto``, ``jsonl``, ``gsm8k``, ``icot``, ``svamp`` or ``hf``.
+        offset: first row used; limit: number of rows (None = all).
+        trace: CoT the teacher reads: ``nl`` (natural language) or ``equations``.
+        drop_last_step: drop the last CoT step (CODI) so the teacher cannot copy the answer.
+        slots: M, KV entries kept per (layer, KV head).
+        lam: lambda of the KaVa eviction score (importance weight).
+        batch_size: examples per teacher forward.
+        dtype: dtype the teacher runs in.
+        codec: storage codec: ``float16``, ``bfloat16``, ``int8`` or ``float32``.
+        compressor: byte compressor, ``zstd:LEVEL``, ``blosc:LEVEL:SHUFFLE`` or ``none``.
+        examples_per_shard: examples per shard file (0 = about 32 MB per shard).
+        overwrite: replace an existing store at ``out``.
+        trust_remote_code: let the checkpoint run its own code (off unless asked for).
+        num_threads: torch CPU threads (0 = torch's default).
+    """
+
+    model: str = "smollm2"
+    data: str = ""
+    out: str = ""
+    split: str | None = None
+    data_format: str = "auto"
+    offset: int = 0
+    limit: int | None = None
+    trace: str = "nl"
+    drop_last_step: bool = True
+    slots: int = 6
+    lam: float = DEFAULT_LAMBDA
+    batch_size: int = 8
+    dtype: str = "float32"
+    codec: str = "float16"
+    compressor: str = "zstd:3"
+    examples_per_shard: int = 0
+    overwrite: bool = False
+    trust_remote_code: bool = False
+    num_threads: int = 0
+
+
+@dataclass
+class ExtractProgress:
+    """Progress of an extraction, passed to the ``on_progress`` callback."""
+
+    done: int
+    total: int
+    tokens: int
+    elapsed_s: float
+
+
+@dataclass
+class ExtractSummary:
+    """What an extraction did (the CLI prints it)."""
+
+    path: str
+    examples: int
+    examples_written: int
+    shards_written: int
+    shards_skipped: int
+    tokens: int
+    wall_s: float
+    tokens_per_s: float
+    bytes_stored: int
+    bytes_per_example: float
+    complete: bool
+    problems: list = field(default_factory=list)
+
+
+def parse_compressor(text: str) -> Compressor:
+    """``zstd:3`` / ``blosc:5:bit`` / ``none`` -> Compressor.
+
+    Raises:
+        ValueError: on an unknown name, level or shuffle.
+    """
+    parts = text.split(":")
+    name = parts[0]
+    if name == "none":
+        return Compressor("none")
+    if name not in ("zstd", "blosc"):
+        raise ValueError(f"unknown compressor {text!r}; use zstd:LEVEL, blosc:LEVEL:SHUFFLE or none")
+    level = int(parts[1]) if len(parts) > 1 else 3
+    shuffle = parts[2] if len(parts) > 2 else ("bit" if name == "blosc" else "none")
+    return Compressor(name, level, shuffle)
+
+
+def tokenize_teacher(tokenizer, examples: list[Example], traces: list[str], template: PromptTemplate) -> TeacherBatch:
+    """Tokenize teacher texts (right-padded) and locate the CoT and answer token spans.
+
+    Raises:
+        ValueError: naming the example whose CoT or answer has no token.
+    """
+    texts, cot_spans, ans_spans = [], [], []
+    for ex, trace in zip(examples, traces):
+        text, cot_chars, ans_chars = template.teacher_text(ex.question, trace, ex.answer)
+        texts.append(text)
+        cot_spans.append(cot_chars)
+        ans_spans.append(ans_chars)
+    enc = tokenizer(texts, return_offsets_mapping=True, padding=False)
+    ids, cots, answers = [], [], []
+    for ex, row_ids, offsets, cot_chars, ans_chars in zip(examples, enc["input_ids"], enc["offset_mapping"], cot_spans, ans_spans):
+        cot = token_span(offsets, cot_chars)
+        ans = token_span(offsets, ans_chars)
+        if cot[1] <= cot[0] or ans[1] <= ans[0] or ans[0] < 1:
+            raise ValueError(f"example {ex.id}: its CoT or answer has no token after tokenization")
+        if cot[1] > ans[0]:  # a token straddles CoT and answer: keep the CoT strictly before it
+            cot = (cot[0], ans[0])
+        ids.append(row_ids)
+        cots.append(cot)
+        answers.append(ans)
+    T = max(len(r) for r in ids)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.full((len(ids), T), pad, dtype=torch.long)
+    mask = torch.zeros((len(ids), T), dtype=torch.long)
+    for i, row in enumerate(ids):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    return TeacherBatch(input_ids, mask, torch.tensor(cots), torch.tensor(answers))
+
+
+def cache_metadata(cfg: ExtractConfig, loaded: LoadedModel, data: LoadResult, template: PromptTemplate, frame: str) -> dict:
+    """The JSON metadata of a teacher cache (DESIGN.md section 3)."""
+    return {
+        "teacher": loaded.info,
+        "tokenizer": tokenizer_identity(loaded.tokenizer),
+        "dataset": {
+            "source": data.source,
+            "format": data.fmt,
+            "split": cfg.split,
+            "offset": cfg.offset,
+            "rows": len(data.examples),
+            "fingerprint": dataset_fingerprint(data.examples),
+            "trace": cfg.trace,
+            "drop_last_step": cfg.drop_last_step,
+        },
+        "prompt": template.to_json(),
+        "compression": {"method": "kava", "slots": cfg.slots, "lambda": cfg.lam, "key_frame": frame},
+    }
+
+
+def extract(
+    cfg: ExtractConfig,
+    loaded: LoadedModel | None = None,
+    on_progress: Callable[[ExtractProgress], None] | None = None,
+    template: PromptTemplate = PromptTemplate(),
+) -> ExtractSummary:
+    """Extract one teacher's compressed cache (KaVa) into a Zarr v3 store; resumable.
+
+    Args:
+        cfg: the options (see ExtractConfig).
+        loaded: an already loaded teacher (tests, benchmarks); loaded from ``cfg.model`` if None.
+        on_progress: called after every batch.
+        template: prompt layout (recorded in the cache).
+    Returns:
+        ExtractSummary.
+    Raises:
+        kvkd.data.DataError: unreadable rows or empty traces.
+        kvkd.cache.errors.CacheMismatchError: ``out`` holds a cache of other data/teacher/options.
+        ValueError: invalid options.
+    """
+    if not cfg.out:
+        raise ValueError("no output store given: pass --out PATH")
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    data = load_examples(cfg.data, split=cfg.split, fmt=cfg.data_format, limit=cfg.limit, offset=cfg.offset)
+    if not data.examples:
+        raise ValueError(f"{cfg.data}: no examples selected (offset={cfg.offset}, limit={cfg.limit})")
+    traces = [build_trace(ex, cfg.trace, drop_last_step=cfg.drop_last_step) for ex in data.examples]
+    loaded = loaded or load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    model, tok = loaded.model, loaded.tokenizer
+    info = loaded.info
+    frame = key_module(decoder_layers(model)[0])[1]
+    layout = CacheLayout(
+        num_examples=len(data.examples),
+        num_layers=info["num_layers"],
+        num_kv_heads=info["num_kv_heads"],
+        head_dim=info["head_dim"],
+        hidden_size=info["hidden_size"],
+        slots=cfg.slots,
+        examples_per_shard=cfg.examples_per_shard,
+    )
+    writer = CacheWriter.open(
+        cfg.out,
+        layout,
+        cache_metadata(cfg, loaded, data, template, frame),
+        codec=cfg.codec,
+        compressor=parse_compressor(cfg.compressor),
+        overwrite=cfg.overwrite,
+    )
+    layout = writer.layout
+    pending = writer.pending_shards()
+    skipped = layout.num_shards - len(pending)
+    total = sum(layout.shard_range(s)[1] - layout.shard_range(s)[0] for s in pending)
+    start_time = time.perf_counter()
+    done = tokens = 0
+    lengths = [len(t) for t in traces]
+    for shard in pending:
+        lo, hi = layout.shard_range(shard)
+        n = hi - lo
+        rows = _empty_rows(layout, n)
+        order = sorted(range(lo, hi), key=lambda i: lengths[i])  # less padding per batch
+        for b in range(0, n, cfg.batch_size):
+            idx = order[b : b + cfg.batch_size]
+            batch = tokenize_teacher(tok, [data.examples[i] for i in idx], [traces[i] for i in idx], template)
+            _fill_rows(rows, [i - lo for i in idx], capture_batch(model, batch), cfg)
+            done += len(idx)
+            tokens += batch.num_tokens
+            if on_progress:
+                on_progress(ExtractProgress(done, total, tokens, time.perf_counter() - start_time))
+        writer.write_shard(shard, rows)
+    complete = writer.finalize()
+    wall = time.perf_counter() - start_time
+    stored = writer.stored_bytes()
+    return ExtractSummary(
+        path=cfg.out,
+        examples=layout.num_examples,
+        examples_written=done,
+        shards_written=len(pending),
+        shards_skipped=skipped,
+        tokens=tokens,
+        wall_s=wall,
+        tokens_per_s=tokens / wall if wall > 0 else 0.0,
+        bytes_stored=stored,
+        bytes_per_example=stored / layout.num_examples,
+        complete=complete,
+        problems=[asdict(p) for p in data.problems],
+    )
+
+
+def _empty_rows(layout: CacheLayout, n: int) -> dict[str, np.ndarray]:
+    L, H, M, D, d = layout.num_layers, layout.num_kv_heads, layout.slots, layout.head_dim, layout.hidden_size
+    return {
+        "keys": np.zeros((n, L, H, M, D), np.float32),
+        "values": np.zeros((n, L, H, M, D), np.float32),
+        "hidden": np.zeros((n, L + 1, d), np.float32),
+        "slot_pos": np.full((n, L, H, M), -1, np.int32),
+        "slot_importance": np.zeros((n, L, H, M), np.float32),
+        "slot_score": np.zeros((n, L, H, M), np.float32),
+        "slot_valid": np.zeros((n, L, H, M), bool),
+        "cot_len": np.zeros((n,), np.int32),
+        "answer_len": np.zeros((n,), np.int32),
+        "answer_nll": np.zeros((n,), np.float32),
+    }
+
+
+def _fill_rows(rows: dict[str, np.ndarray], where: list[int], cap, cfg: ExtractConfig) -> None:
+    """Compress a capture to M slots and place it at rows ``where`` of the shard buffer."""
+    sel = select_slots(cap.keys, cap.importance, cap.cot_mask, cfg.slots, cfg.lam)
+    rows["keys"][where] = gather_slots(cap.keys, sel).numpy()
+    rows["values"][where] = gather_slots(cap.values, sel).numpy()
+    rows["hidden"][where] = cap.hidden.numpy()
+    rows["slot_pos"][where] = sel.index.masked_fill(~sel.valid, -1).numpy().astype(np.int32)
+    rows["slot_importance"][where] = sel.importance.numpy()
+    rows["slot_score"][where] = sel.score.numpy()
+    rows["slot_valid"][where] = sel.valid.numpy()
+    rows["cot_len"][where] = cap.cot_len.numpy().astype(np.int32)
+    rows["answer_len"][where] = cap.answer_len.numpy().astype(np.int32)
+    rows["answer_nll"][where] = cap.answer_nll.numpy()

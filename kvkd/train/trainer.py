@@ -1,0 +1,405 @@
+"""``kvkd train``: the training recipe (one readable loop that owns checkpoints and logs).
+
+    loss = CE(answer | Q, latents) + sum_k w[:, k] * (a1 * L_CODI_k + a2 * L_KV_k)  (+ router aux)
+
+with ``w = router(signals)`` per sample (DESIGN.md section 4). Teachers are only ever read
+from their caches. The run folder holds ``config.json`` (resolved options), ``log.jsonl``
+(one line per step: every loss term per teacher, router weights, lr, timing),
+``checkpoints/step-N/`` (safetensors weights + optimiser state + ``state.json``) and
+``summary.json``. A run resumes from its newest checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+
+from kvkd.cache.compat import check_compatible
+from kvkd.cache.reader import CacheReader
+from kvkd.data import dataset_fingerprint, load_examples
+from kvkd.models import load_model, tokenizer_identity
+from kvkd.prompts import PromptTemplate
+from kvkd.train.align import Shape, TeacherAligner, layer_map
+from kvkd.train.loader import DistillDataset, collate
+from kvkd.train.losses import codi_loss, kv_loss
+from kvkd.train.routers import RouterInputs, build_router
+from kvkd.train.student import LatentStudent, add_latent_tokens
+
+
+@dataclass
+class TrainConfig:
+    """Options of ``kvkd train`` (defaults live here and only here).
+
+    Attributes:
+        caches: teacher cache paths/URLs (one per teacher).
+        out: run folder.
+        student: student spec (``smollm2``, .gguf, folder or hub id).
+        data: training data; empty = the data set recorded in the first cache.
+        split, data_format, offset, limit: data selection (must give the caches' rows).
+        steps: optimiser steps; batch_size: examples per step.
+        lr: peak learning rate (linear warm-up, then linear decay to 0).
+        warmup_steps: warm-up steps; weight_decay: AdamW weight decay; grad_clip: max grad norm.
+        a1: weight of CODI's hidden loss; a2: weight of KaVa's KV loss (KaVa: 10 and 1).
+        kv_loss: ``smooth_l1`` or ``mse``; hidden_loss: same choices for L_CODI.
+        std_norm: per-layer teacher-std normalisation of both distillation losses.
+        router: router name (``fixed``, ``similarity``, ``learnable``, ...).
+        router_options: keyword options of the router (e.g. ``{"weights": [0.7, 0.3]}``).
+        layer_map: ``proportional`` or ``last`` (teacher layer for each student layer).
+        use_lora, lora_r, lora_alpha, lora_dropout, lora_targets: peft LoRA settings
+            (CODI's defaults are r=128, alpha=32; r=16 keeps CPU runs small).
+        latents: M continuous thoughts; 0 = the caches' slot budget M.
+        require_same_tokenizer: refuse caches whose tokenizer hashes differ.
+        dtype: student dtype; seed: RNG seed; num_workers / prefetch_factor: loader.
+        log_every: steps between console progress callbacks; save_every: steps between
+            checkpoints (0 = only at the end); keep_checkpoints: newest checkpoints kept.
+        num_threads: torch CPU threads (0 = default); trust_remote_code: off unless asked.
+    """
+
+    caches: list[str] = field(default_factory=list)
+    out: str = ""
+    student: str = "smollm2"
+    data: str = ""
+    split: str | None = None
+    data_format: str = "auto"
+    offset: int | None = None
+    limit: int | None = None
+    steps: int = 100
+    batch_size: int = 8
+    lr: float = 2e-4
+    warmup_steps: int = 10
+    weight_decay: float = 0.0
+    grad_clip: float = 2.0
+    a1: float = 10.0
+    a2: float = 1.0
+    kv_loss: str = "smooth_l1"
+    hidden_loss: str = "smooth_l1"
+    std_norm: bool = True
+    router: str = "fixed"
+    router_options: dict = field(default_factory=dict)
+    layer_map: str = "proportional"
+    use_lora: bool = True
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    lora_targets: str = "all-linear"
+    latents: int = 0
+    require_same_tokenizer: bool = True
+    dtype: str = "float32"
+    seed: int = 0
+    num_workers: int = 1
+    prefetch_factor: int = 4
+    log_every: int = 1
+    save_every: int = 50
+    keep_checkpoints: int = 2
+    num_threads: int = 0
+    trust_remote_code: bool = False
+
+
+@dataclass
+class StepLog:
+    """One training step as logged (``log.jsonl``)."""
+
+    step: int
+    loss: float
+    ce: float
+    answer_nll: float
+    codi: list[float]
+    kv: list[float]
+    weights: list[float]
+    lr: float
+    step_s: float
+    examples_per_s: float
+
+
+@dataclass
+class TrainSummary:
+    run_dir: str
+    steps: int
+    resumed_from: int
+    wall_s: float
+    final_loss: float
+    final_ce: float
+    mean_step_s: float
+    teachers: list[str]
+    mean_weights: list[float]
+
+
+def build_student(spec: str, latents: int, cfg: TrainConfig, template: PromptTemplate = PromptTemplate()) -> LatentStudent:
+    """Load the student, add ``<bot>/<eot>``, wrap with LoRA (peft) and build the latent model."""
+    loaded = load_model(spec, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    lm, tok = loaded.model, loaded.tokenizer
+    add_latent_tokens(lm, tok)
+    if cfg.use_lora:
+        from peft import LoraConfig, get_peft_model
+
+        targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else [t.strip() for t in cfg.lora_targets.split(",")]
+        lm = get_peft_model(lm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM"))
+    else:
+        for p in lm.parameters():
+            p.requires_grad_(True)
+    student = LatentStudent(lm, tok, latents, template)
+    student.model_info = loaded.info
+    return student
+
+
+def open_teachers(cfg: TrainConfig) -> tuple[list[CacheReader], list[dict]]:
+    """Open and cross-check the teacher caches (fingerprint, tokenizer hash, M)."""
+    if not cfg.caches:
+        raise ValueError("no teacher cache given: pass --cache PATH (repeat it for several teachers)")
+    readers = [CacheReader.open(url) for url in cfg.caches]
+    fields = ["dataset.fingerprint", "compression.slots"]
+    if cfg.require_same_tokenizer:
+        fields.append("tokenizer.hash")
+    check_compatible([(url, r.metadata) for url, r in zip(cfg.caches, readers)], fields=tuple(fields))
+    return readers, [r.metadata for r in readers]
+
+
+def load_training_examples(cfg: TrainConfig, meta: dict):
+    """The training rows: ``cfg.data`` if given, else the data set recorded in the cache;
+    refused unless their fingerprint equals the caches'."""
+    ds = meta["dataset"]
+    source = cfg.data or ds["source"]
+    res = load_examples(
+        source,
+        split=cfg.split if cfg.data else ds.get("split"),
+        fmt=cfg.data_format if cfg.data else ds.get("format", "auto"),
+        offset=cfg.offset if cfg.offset is not None else ds.get("offset", 0),
+        limit=cfg.limit if cfg.limit is not None else ds["rows"],
+    )
+    check_compatible([("caches", meta)], fields=("dataset.fingerprint",), expected={"dataset.fingerprint": dataset_fingerprint(res.examples)})
+    return res.examples
+
+
+def _batches(n: int, batch_size: int, seed: int, start_step: int, steps: int):
+    """Deterministic shuffled batches: epoch e uses randperm(n) seeded by seed + e."""
+    per_epoch = math.ceil(n / batch_size)
+    for step in range(start_step, steps):
+        epoch, pos = divmod(step, per_epoch)
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
+        yield perm[pos * batch_size : (pos + 1) * batch_size]
+
+
+class Trainee(torch.nn.Module):
+    """Everything that trains: the latent student, one aligner per teacher, the router."""
+
+    def __init__(self, student: LatentStudent, aligners: list[TeacherAligner], router):
+        super().__init__()
+        self.student = student
+        self.aligners = torch.nn.ModuleList(aligners)
+        self.router = router
+
+    def checkpoint_state(self) -> dict[str, torch.Tensor]:
+        """Trainable parameters + router buffers, by name (what a checkpoint stores)."""
+        state = {f"student.{k}": v for k, v in self.student.trainable_state().items()}
+        state.update({f"aligners.{k}": v for k, v in self.aligners.state_dict().items()})
+        state.update({f"router.{k}": v for k, v in self.router.state_dict().items()})
+        return {k: v.detach().contiguous().clone() for k, v in state.items()}
+
+    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
+        own = dict(self.named_parameters())
+        for k, v in state.items():
+            if k.startswith("student."):
+                if k not in own:
+                    raise KeyError(f"checkpoint tensor {k} does not belong to this student (LoRA settings changed?)")
+                with torch.no_grad():
+                    own[k].copy_(v)
+        self.aligners.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("aligners.")})
+        self.router.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("router.")})
+
+
+def distill_step(trainee: Trainee, batch: dict, cfg: TrainConfig, step: int):
+    """Forward one batch; returns (loss, StepLog fields except timing)."""
+    out = trainee.student(batch["q_ids"], batch["q_mask"], batch["s_ids"], batch["s_mask"], batch["answer_start"])
+    codi_terms, kv_terms, feats, nlls = [], [], [], []
+    for aligner, t in zip(trainee.aligners, batch["teachers"]):
+        t_hidden = aligner.hidden(t["hidden"])  # (B, L_s+1, d_s)
+        codi_terms.append(codi_loss(out.hidden, t_hidden, cfg.hidden_loss, cfg.std_norm))
+        kv_terms.append(
+            kv_loss(out.keys, out.values, aligner.keys(t["keys"]), aligner.values(t["values"]), aligner.slot_mask(t["slot_valid"]), cfg.kv_loss, cfg.std_norm)
+        )
+        feats.append(t_hidden[:, -1].detach())
+        nlls.append(t["answer_nll"])
+    codi = torch.stack(codi_terms, 1)  # (B, K)
+    kv = torch.stack(kv_terms, 1)  # (B, K)
+    distill = cfg.a1 * codi + cfg.a2 * kv
+    weights = trainee.router(RouterInputs(out.features, torch.stack(feats, 1), distill, torch.stack(nlls, 1).float(), step))
+    loss = out.ce + (weights * distill).sum(1).mean()
+    aux = trainee.router.aux_loss(weights)
+    if aux is not None:
+        loss = loss + aux
+    logs = {
+        "loss": float(loss.detach()),
+        "ce": float(out.ce.detach()),
+        "answer_nll": float(out.answer_nll.detach().mean()),
+        "codi": codi.detach().mean(0).tolist(),
+        "kv": kv.detach().mean(0).tolist(),
+        "weights": weights.detach().mean(0).tolist(),
+    }
+    return loss, logs
+
+
+def _save_checkpoint(run: Path, step: int, trainee: Trainee, opt, keep: int) -> Path:
+    final = run / "checkpoints" / f"step-{step:07d}"
+    tmp = run / "checkpoints" / f".tmp-step-{step:07d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(trainee.checkpoint_state(), str(tmp / "trainable.safetensors"))
+    torch.save(opt.state_dict(), tmp / "optimizer.pt")  # read back with weights_only=True
+    (tmp / "state.json").write_text(json.dumps({"step": step}))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)  # a checkpoint folder exists only once complete
+    for old in sorted((run / "checkpoints").glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(run: Path) -> Path | None:
+    """Newest complete checkpoint folder of a run, or None."""
+    found = sorted((run / "checkpoints").glob("step-*")) if (run / "checkpoints").is_dir() else []
+    return found[-1] if found else None
+
+
+def build_trainee(cfg: TrainConfig, metas: list[dict]) -> Trainee:
+    """Student + aligners + router for a config and its caches' metadata."""
+    latents = cfg.latents or metas[0]["compression"]["slots"]
+    if latents != metas[0]["compression"]["slots"]:
+        raise ValueError(f"--latents {latents} differs from the caches' slot budget M={metas[0]['compression']['slots']}")
+    student = build_student(cfg.student, latents, cfg)
+    s_shape = Shape(student.num_layers, student.num_kv_heads, student.head_dim, student.hidden_size)
+    aligners = []
+    for meta in metas:
+        lay = meta["layout"]
+        t_shape = Shape(lay["num_layers"], lay["num_kv_heads"], lay["head_dim"], lay["hidden_size"])
+        aligners.append(TeacherAligner(t_shape, s_shape, layer_map(t_shape.num_layers, s_shape.num_layers, cfg.layer_map)))
+    router = build_router(cfg.router, len(metas), student.hidden_size, cfg.router_options)
+    return Trainee(student, aligners, router)
+
+
+def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) -> TrainSummary:
+    """Train a latent student against teacher caches; resumes from the newest checkpoint.
+
+    Raises:
+        kvkd.cache.errors.CacheMismatchError: caches disagree with each other or the data.
+        ValueError: bad options (no caches, no run folder, latents != M).
+    """
+    if not cfg.out:
+        raise ValueError("no run folder given: pass --out RUN_DIR")
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.manual_seed(cfg.seed)
+    run = Path(cfg.out)
+    run.mkdir(parents=True, exist_ok=True)
+    readers, metas = open_teachers(cfg)
+    examples = load_training_examples(cfg, metas[0])
+    trainee = build_trainee(cfg, metas)
+    tok = trainee.student.tokenizer
+    resolved = asdict(cfg)
+    resolved["teachers"] = [{"cache": url, "teacher": m["teacher"].get("spec"), "trace": m["dataset"].get("trace"), "tokenizer_shared_with_student": m["tokenizer"]["hash"] == tokenizer_identity(tok)["hash"]} for url, m in zip(cfg.caches, metas)]
+    resolved["latents"] = trainee.student.num_latents
+    resolved["layer_maps"] = [a.mapping.tolist() for a in trainee.aligners]
+    (run / "config.json").write_text(json.dumps(resolved, indent=2))
+
+    params = [p for p in trainee.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / max(1, cfg.warmup_steps), max(0.0, (cfg.steps - s) / max(1, cfg.steps - cfg.warmup_steps)))
+    )
+    start = 0
+    ckpt = latest_checkpoint(run)
+    if ckpt is not None:
+        trainee.load_checkpoint_state(load_file(str(ckpt / "trainable.safetensors")))
+        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
+        start = json.loads((ckpt / "state.json").read_text())["step"]
+        for _ in range(start):
+            sched.step()
+    dataset = DistillDataset(examples, tok, cfg.caches)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=list(_batches(len(dataset), cfg.batch_size, cfg.seed, start, cfg.steps)),
+        collate_fn=lambda items: collate(items, tok.pad_token_id),
+        num_workers=cfg.num_workers,
+        prefetch_factor=cfg.prefetch_factor if cfg.num_workers > 0 else None,
+        persistent_workers=False,
+    )
+    trainee.train()
+    t0 = time.perf_counter()
+    last = time.perf_counter()
+    step_times, logs = [], None
+    log_path = run / "log.jsonl"
+    if start == 0 and log_path.exists():
+        log_path.unlink()
+    weight_sums = torch.zeros(len(cfg.caches))
+    with open(log_path, "a") as log:
+        for step, batch in zip(range(start, cfg.steps), loader):
+            torch.manual_seed(cfg.seed * 100003 + step)  # dropout etc. reproducible on resume
+            loss, logs = distill_step(trainee, batch, cfg, step)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            sched.step()
+            now = time.perf_counter()
+            entry = StepLog(step=step + 1, lr=sched.get_last_lr()[0], step_s=now - last, examples_per_s=len(batch["index"]) / (now - last), **logs)
+            last = now
+            step_times.append(entry.step_s)
+            weight_sums += torch.tensor(entry.weights)
+            log.write(json.dumps(asdict(entry)) + "\n")
+            log.flush()
+            if on_step and (entry.step % cfg.log_every == 0 or entry.step == cfg.steps):
+                on_step(entry)
+            if cfg.save_every and entry.step % cfg.save_every == 0 and entry.step < cfg.steps:
+                _save_checkpoint(run, entry.step, trainee, opt, cfg.keep_checkpoints)
+    if cfg.steps > start:
+        _save_checkpoint(run, cfg.steps, trainee, opt, cfg.keep_checkpoints)
+    summary = TrainSummary(
+        run_dir=str(run),
+        steps=cfg.steps,
+        resumed_from=start,
+        wall_s=time.perf_counter() - t0,
+        final_loss=logs["loss"] if logs else float("nan"),
+        final_ce=logs["ce"] if logs else float("nan"),
+        mean_step_s=sum(step_times) / len(step_times) if step_times else 0.0,
+        teachers=list(cfg.caches),
+        mean_weights=(weight_sums / max(1, len(step_times))).tolist(),
+    )
+    (run / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
+    return summary
+
+
+def load_run(run_dir: str | Path):
+    """Rebuild a run's trained student (for ``kvkd eval``) from its config and newest checkpoint.
+
+    Returns:
+        (LatentStudent in eval mode, resolved config dict).
+    Raises:
+        FileNotFoundError: no config.json or no checkpoint in the folder.
+    """
+    run = Path(run_dir)
+    if not (run / "config.json").is_file():
+        raise FileNotFoundError(f"{run} has no config.json: is it a `kvkd train` run folder?")
+    resolved = json.loads((run / "config.json").read_text())
+    known = {f for f in TrainConfig.__dataclass_fields__}
+    cfg = TrainConfig(**{k: v for k, v in resolved.items() if k in known})
+    ckpt = latest_checkpoint(run)
+    if ckpt is None:
+        raise FileNotFoundError(f"{run} has no checkpoint yet (checkpoints/step-*): train first")
+    student = build_student(cfg.student, resolved["latents"], cfg)
+    state = load_file(str(ckpt / "trainable.safetensors"))
+    own = dict(student.named_parameters())
+    for name, value in state.items():
+        if name.startswith("student."):
+            with torch.no_grad():
+                own[name[len("student."):]].copy_(value)
+    student.eval()
+    return student, resolved
