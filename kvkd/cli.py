@@ -84,6 +84,7 @@ def extract(
     limit: Optional[int] = typer.Option(None, help="Number of rows used [default: all]."),
     trace: Optional[str] = typer.Option(None, help=f"CoT the teacher reads: nl (natural language) or equations. {_d(ExtractConfig, 'trace')}"),
     drop_last_step: Optional[bool] = typer.Option(None, "--drop-last-step/--keep-last-step", help=f"Drop the CoT's last step (CODI). {_d(ExtractConfig, 'drop_last_step')}"),
+    trace_fallback: Optional[str] = typer.Option(None, help="Trace for rows whose --trace is empty (e.g. nl for GSM8K rows without equations) [default: none, such a row is an error]."),
     slots: Optional[int] = typer.Option(None, help=f"M: KV slots kept per (layer, KV head). {_d(ExtractConfig, 'slots')}"),
     lam: Optional[float] = typer.Option(None, "--lambda", help=f"KaVa eviction score weight of importance vs uniqueness, in [0, 1]. {_d(ExtractConfig, 'lam')}"),
     batch_size: Optional[int] = typer.Option(None, help=f"Examples per teacher forward. {_d(ExtractConfig, 'batch_size')}"),
@@ -100,7 +101,7 @@ def extract(
     from kvkd.pipeline.extract import extract as run_extract
 
     flags = dict(model=model, data=data, out=out, split=split, data_format=data_format, offset=offset, limit=limit, trace=trace,
-                 drop_last_step=drop_last_step, slots=slots, lam=lam, batch_size=batch_size, dtype=dtype, codec=codec,
+                 drop_last_step=drop_last_step, trace_fallback=trace_fallback, slots=slots, lam=lam, batch_size=batch_size, dtype=dtype, codec=codec,
                  compressor=compressor, examples_per_shard=examples_per_shard, overwrite=overwrite,
                  trust_remote_code=trust_remote_code, num_threads=threads)
     try:

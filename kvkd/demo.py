@@ -1,7 +1,7 @@
 """``kvkd demo``: the main job end to end on its embedded default.
 
 Two teachers (SmolLM2-135M-Instruct reading GSM8K's natural-language CoT, and the same
-model reading the equation-only CoT) are extracted over a GSM8K training subset; a SmolLM2
+model reading the equation-only CoT, falling back to the NL CoT on rows without equations) are extracted over a GSM8K training subset; a SmolLM2
 student with LoRA trains against both caches with a router; the trained student, the
 untrained latent student and the plain model answering without CoT are evaluated on a
 GSM8K test subset; a report folder gets the table (Markdown + JSON) and a training plot.
@@ -44,7 +44,7 @@ class DemoConfig:
     data_dir: str = ""
     train_rows: int = 64
     test_rows: int = 40
-    steps: int = 48
+    steps: int = 96
     batch_size: int = 4
     lr: float = 5e-4
     slots: int = 6
@@ -91,6 +91,7 @@ def run_demo(cfg: DemoConfig, on_stage: Callable[[str], None] | None = None, pro
         t = time.perf_counter()
         ecfg = ExtractConfig(
             model=cfg.model, data=train_data, out=str(path), limit=cfg.train_rows, trace=trace,
+            trace_fallback="nl" if trace == "equations" else None,
             slots=cfg.slots, batch_size=cfg.extract_batch_size, num_threads=cfg.threads,
         )
         summaries.append(asdict(extract(ecfg, loaded=teacher, on_progress=progress.get("extract"))))

@@ -18,7 +18,7 @@ import torch
 from kvkd.cache.codecs import Compressor
 from kvkd.cache.schema import CacheLayout
 from kvkd.cache.writer import CacheWriter
-from kvkd.data import Example, LoadResult, build_trace, dataset_fingerprint, load_examples
+from kvkd.data import DataError, Example, LoadResult, build_trace, dataset_fingerprint, load_examples
 from kvkd.models import LoadedModel, key_module, decoder_layers, load_model, tokenizer_identity
 from kvkd.pipeline.capture import TeacherBatch, capture_batch
 from kvkd.pipeline.compress import DEFAULT_LAMBDA, gather_slots, select_slots
@@ -38,6 +38,9 @@ class ExtractConfig:
         offset: first row used; limit: number of rows (None = all).
         trace: CoT the teacher reads: ``nl`` (natural language) or ``equations``.
         drop_last_step: drop the last CoT step (CODI) so the teacher cannot copy the answer.
+        trace_fallback: trace used for rows whose ``trace`` is empty (e.g. GSM8K rows without
+            calculator notes have no equation trace); None = such a row is an error. The rows
+            that fell back are listed in the cache metadata (``dataset.trace_fallback_ids``).
         slots: M, KV entries kept per (layer, KV head).
         lam: lambda of the KaVa eviction score (importance weight).
         batch_size: examples per teacher forward.
@@ -59,6 +62,7 @@ class ExtractConfig:
     limit: int | None = None
     trace: str = "nl"
     drop_last_step: bool = True
+    trace_fallback: str | None = None
     slots: int = 6
     lam: float = DEFAULT_LAMBDA
     batch_size: int = 8
@@ -150,7 +154,28 @@ def tokenize_teacher(tokenizer, examples: list[Example], traces: list[str], temp
     return TeacherBatch(input_ids, mask, torch.tensor(cots), torch.tensor(answers))
 
 
-def cache_metadata(cfg: ExtractConfig, loaded: LoadedModel, data: LoadResult, template: PromptTemplate, frame: str) -> dict:
+def _traces(examples: list[Example], cfg: ExtractConfig) -> tuple[list[str], list[str]]:
+    """The trace of every example, with ``cfg.trace_fallback`` for empty ones.
+
+    Raises:
+        DataError: a row has an empty trace and no fallback is set (names the row and the fix).
+    """
+    traces, fallback_ids = [], []
+    for ex in examples:
+        trace = build_trace(ex, cfg.trace, drop_last_step=cfg.drop_last_step, allow_empty=True)
+        if not trace.strip():
+            if cfg.trace_fallback is None:
+                raise DataError(
+                    f"example {ex.id!r} has an empty {cfg.trace!r} trace; pass --trace-fallback nl to let such rows "
+                    f"read another trace (recorded in the cache), or pick rows that have one"
+                )
+            trace = build_trace(ex, cfg.trace_fallback, drop_last_step=cfg.drop_last_step)
+            fallback_ids.append(ex.id)
+        traces.append(trace)
+    return traces, fallback_ids
+
+
+def cache_metadata(cfg: ExtractConfig, loaded: LoadedModel, data: LoadResult, template: PromptTemplate, frame: str, fallback_ids: list[str] = ()) -> dict:
     """The JSON metadata of a teacher cache (DESIGN.md section 3)."""
     return {
         "teacher": loaded.info,
@@ -164,6 +189,8 @@ def cache_metadata(cfg: ExtractConfig, loaded: LoadedModel, data: LoadResult, te
             "fingerprint": dataset_fingerprint(data.examples),
             "trace": cfg.trace,
             "drop_last_step": cfg.drop_last_step,
+            "trace_fallback": cfg.trace_fallback,
+            "trace_fallback_ids": list(fallback_ids),
         },
         "prompt": template.to_json(),
         "compression": {"method": "kava", "slots": cfg.slots, "lambda": cfg.lam, "key_frame": frame},
@@ -197,7 +224,7 @@ def extract(
     data = load_examples(cfg.data, split=cfg.split, fmt=cfg.data_format, limit=cfg.limit, offset=cfg.offset)
     if not data.examples:
         raise ValueError(f"{cfg.data}: no examples selected (offset={cfg.offset}, limit={cfg.limit})")
-    traces = [build_trace(ex, cfg.trace, drop_last_step=cfg.drop_last_step) for ex in data.examples]
+    traces, fallback_ids = _traces(data.examples, cfg)
     loaded = loaded or load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     model, tok = loaded.model, loaded.tokenizer
     info = loaded.info
@@ -214,7 +241,7 @@ def extract(
     writer = CacheWriter.open(
         cfg.out,
         layout,
-        cache_metadata(cfg, loaded, data, template, frame),
+        cache_metadata(cfg, loaded, data, template, frame, fallback_ids),
         codec=cfg.codec,
         compressor=parse_compressor(cfg.compressor),
         overwrite=cfg.overwrite,

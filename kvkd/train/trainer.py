@@ -138,6 +138,7 @@ def build_student(spec: str, latents: int, cfg: TrainConfig, template: PromptTem
     """Load the student, add ``<bot>/<eot>``, wrap with LoRA (peft) and build the latent model."""
     loaded = load_model(spec, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     lm, tok = loaded.model, loaded.tokenizer
+    tokenizer_before = tokenizer_identity(tok)  # the teachers' caches know it without <bot>/<eot>
     add_latent_tokens(lm, tok)
     if cfg.use_lora:
         from peft import LoraConfig, get_peft_model
@@ -149,6 +150,7 @@ def build_student(spec: str, latents: int, cfg: TrainConfig, template: PromptTem
             p.requires_grad_(True)
     student = LatentStudent(lm, tok, latents, template)
     student.model_info = loaded.info
+    student.tokenizer_identity = tokenizer_before
     return student
 
 
@@ -305,7 +307,7 @@ def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) ->
     trainee = build_trainee(cfg, metas)
     tok = trainee.student.tokenizer
     resolved = asdict(cfg)
-    resolved["teachers"] = [{"cache": url, "teacher": m["teacher"].get("spec"), "trace": m["dataset"].get("trace"), "tokenizer_shared_with_student": m["tokenizer"]["hash"] == tokenizer_identity(tok)["hash"]} for url, m in zip(cfg.caches, metas)]
+    resolved["teachers"] = [{"cache": url, "teacher": m["teacher"].get("spec"), "trace": m["dataset"].get("trace"), "tokenizer_shared_with_student": m["tokenizer"]["hash"] == trainee.student.tokenizer_identity["hash"]} for url, m in zip(cfg.caches, metas)]
     resolved["latents"] = trainee.student.num_latents
     resolved["layer_maps"] = [a.mapping.tolist() for a in trainee.aligners]
     (run / "config.json").write_text(json.dumps(resolved, indent=2))
