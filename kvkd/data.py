@@ -414,7 +414,7 @@ def load_examples(
         if not path.is_file():
             raise DataError(f"data file not found: {path}")
         fmt = _detect(path) if fmt == "auto" else fmt
-        where, stem = str(path), path.stem
+        where, stem = str(path.resolve()), path.stem
         rows = enumerate(_json_list(path), start=1) if fmt in ("svamp", "multiarith") else _line_rows(path)
 
     parse = _PARSERS[fmt]

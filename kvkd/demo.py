@@ -44,7 +44,7 @@ class DemoConfig:
     data_dir: str = ""
     train_rows: int = 64
     test_rows: int = 40
-    steps: int = 96
+    steps: int = 48
     batch_size: int = 4
     lr: float = 5e-4
     slots: int = 6

@@ -98,7 +98,8 @@ def tokenizer_identity(tokenizer) -> dict:
     included), not the often padded embedding size.
 
     Returns:
-        ``{"name", "hash", "vocab_size"}``.
+        ``{"source", "hash", "vocab_size"}`` (``source`` is where it was loaded from: informative,
+        not compared when a cache is resumed).
     """
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
@@ -109,7 +110,7 @@ def tokenizer_identity(tokenizer) -> dict:
         content = {"vocab": sorted(tokenizer.get_vocab().items()), "special": tokenizer.all_special_tokens}
     blob = json.dumps(content, sort_keys=True, ensure_ascii=False).encode()
     return {
-        "name": getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__,
+        "source": getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__,
         "hash": hashlib.sha256(blob).hexdigest(),
         "vocab_size": len(tokenizer),
     }
@@ -123,14 +124,14 @@ def _load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[Any, Any, str]:
     """Load a GGUF through transformers, keeping a de-quantised copy for fast reloads."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    converted = _converted_gguf_folder(gguf)
+    converted = _converted_gguf_folder(gguf)  # always float32 on disk; cast after loading
     if (converted / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(converted, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(converted, dtype=torch.float32).to(dtype)
         tokenizer = AutoTokenizer.from_pretrained(converted)
         return model, tokenizer, str(converted)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     except ImportError as err:  # pragma: no cover - depends on the environment
         raise ModelLoadError(f"loading {gguf} needs the `gguf` package: pip install gguf ({err})") from err
     # save_pretrained refuses a model "quantized with gguf": the weights are plain fp32
@@ -151,7 +152,7 @@ def _load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[Any, Any, str]:
         os.replace(tmp, converted)  # atomic: a half-written copy is never used
     except Exception:  # the copy is only a speed-up; never fail a load over it
         shutil.rmtree(tmp, ignore_errors=True) if "tmp" in locals() else None
-    return model, tokenizer, str(gguf)
+    return model.to(dtype), tokenizer, str(gguf)
 
 
 def load_model(
@@ -184,13 +185,13 @@ def load_model(
         if not gguf.is_file():
             raise ModelLoadError(f"GGUF file {gguf} does not exist")
         model, tokenizer, loaded_from = _load_gguf(gguf, torch_dtype)
-        info.update(source="gguf", file=str(gguf), file_sha256=file_sha256(gguf), loaded_from=loaded_from)
+        info.update(source="gguf", file_name=gguf.name, file_sha256=file_sha256(gguf), location={"file": str(gguf), "loaded_from": loaded_from})
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"{path} is a folder without config.json; is it a Hugging Face model folder?")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        info.update(source="folder", path=str(path.resolve()))
+        info.update(source="folder", location={"path": str(path.resolve())})
     elif path.exists():
         raise ModelLoadError(f"{path} is neither a model folder nor a .gguf file")
     else:

@@ -44,7 +44,7 @@ from kvkd.cache.errors import CacheError, CacheMismatchError
 from kvkd.cache.schema import FLAG_ARRAY, SCHEMA_VERSION, CacheLayout
 
 RESERVED_KEYS = ("schema_version", "kvkd_version", "created", "completed", "status", "layout", "codec", "compressor")
-VOLATILE_KEYS = frozenset({"created", "completed", "updated", "host", "hostname", "pid", "elapsed_s", "wall_s"})
+VOLATILE_KEYS = frozenset({"created", "completed", "updated", "host", "hostname", "pid", "elapsed_s", "wall_s", "location", "source"})
 """Metadata keys (at any depth) that may differ between runs of one extraction."""
 _MISSING = "<missing>"
 

@@ -23,7 +23,7 @@ import torch
 
 from kvkd.data import Example, load_examples
 from kvkd.eval.answers import answers_match, extract_answer, extract_boxed, wilson_interval
-from kvkd.prompts import PromptTemplate
+from kvkd.prompts import PromptTemplate, token_span
 from kvkd.train.loader import collate, tokenize_student
 
 MODES = ("latent", "nocot", "cot")
@@ -128,13 +128,14 @@ def _text_predictions(loaded, examples: list[Example], cfg: EvalConfig, on_progr
         for row, prompt in zip(gen[:, enc["input_ids"].shape[1] :], prompts):
             text = tok.decode(row, skip_special_tokens=True)
             texts.append((template.answer_prefix if cfg.mode == "nocot" else "") + (text.split("\n")[0] if cfg.mode == "nocot" else text))
-        for ex in chunk:  # gold-answer NLL after "Q\nThe answer is: "
-            head = template.question_text(ex.question) + template.answer_prefix + " "
-            h_ids = tok(head)["input_ids"]
-            a_ids = tok(ex.answer, add_special_tokens=False)["input_ids"]
-            ids = torch.tensor([h_ids + a_ids])
-            logits = model(input_ids=ids).logits[0, len(h_ids) - 1 : -1].float()
-            nlls.append(float(torch.nn.functional.cross_entropy(logits, torch.tensor(a_ids))))
+        for ex in chunk:  # gold-answer NLL after "Q\nThe answer is: ", answer tokens found by offsets
+            text, (a_start, a_end) = template.answer_text(ex.answer)
+            head = template.question_text(ex.question)
+            enc = tok(head + text, return_offsets_mapping=True)
+            first, stop = token_span(enc["offset_mapping"], (len(head) + a_start, len(head) + a_end))
+            ids = torch.tensor([enc["input_ids"]])
+            logits = model(input_ids=ids).logits[0, first - 1 : stop - 1].float()
+            nlls.append(float(torch.nn.functional.cross_entropy(logits, ids[0, first:stop])))
         if on_progress:
             on_progress(len(texts), len(examples))
     return texts, nlls

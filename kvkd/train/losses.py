@@ -52,8 +52,9 @@ def kv_loss(
 
     Args:
         s_keys, s_values: (B, L, H_kv, M, D) student pre-RoPE keys/values at z_1..z_M.
-        t_keys, t_values: (B, L, H_kv, M, D) teacher slots, already in the student's space;
-            treated as constants (stop-gradient).
+        t_keys, t_values: (B, L, H_kv, M, D) teacher slots, already in the student's space.
+            Cached teacher tensors are constants (the stop-gradient of KaVa's sg(.)); the
+            only gradient on this side reaches a learned teacher->student projection.
         valid: (B, L, H_kv, M) bool, False for empty slots.
         kind: ``smooth_l1`` (p = 1) or ``mse`` (p = 2).
         std_norm: divide each layer's error by the teacher's std in that layer.
@@ -73,7 +74,7 @@ def kv_loss(
         m = w[..., None]
     total = 0.0
     for s, t in ((s_keys, t_keys), (s_values, t_values)):
-        t = t.detach().float()
+        t = t.float()
         s = s.float()
         if std_norm:
             std = _layer_std(t, valid[..., None])  # (1, L, 1, 1, 1)
@@ -89,7 +90,8 @@ def codi_loss(s_hidden: torch.Tensor, t_hidden: torch.Tensor, kind: str = "smoot
 
     Args:
         s_hidden: (B, L+1, d) student hidden states at the token before the answer.
-        t_hidden: (B, L+1, d) teacher hidden states there, in the student's space (constants).
+        t_hidden: (B, L+1, d) teacher hidden states there, in the student's space (cached
+            constants; a learned projection applied to them receives gradients).
         kind: ``smooth_l1`` or ``mse``.
         std_norm: divide each layer's error by the teacher's std of that layer (over the batch).
     Returns:
@@ -97,7 +99,7 @@ def codi_loss(s_hidden: torch.Tensor, t_hidden: torch.Tensor, kind: str = "smoot
     """
     if s_hidden.shape != t_hidden.shape:
         raise ValueError(f"student hidden {tuple(s_hidden.shape)} and teacher hidden {tuple(t_hidden.shape)} differ in shape")
-    t = t_hidden.detach().float()
+    t = t_hidden.float()
     s = s_hidden.float()
     if std_norm:
         std = _layer_std(t, torch.ones_like(t, dtype=torch.bool))  # (1, L+1, 1)

@@ -236,9 +236,7 @@ class LatentStudent(nn.Module):
         positions = next_pos[:, None] + torch.arange(n)[None]
         out = self._run(embeds, mask, positions, cache)
         pos = positions[:, -1:]
-        stop = {self.tokenizer.eos_token_id}
-        newline = self.tokenizer.convert_tokens_to_ids(self.tokenizer.tokenize("\n"))
-        stop.update(t for t in newline if t is not None)
+        eos = self.tokenizer.eos_token_id
         done = torch.zeros(B, dtype=torch.bool)
         result: list[list[int]] = [[] for _ in range(B)]
         h = out.last_hidden_state[:, -1:]
@@ -247,7 +245,8 @@ class LatentStudent(nn.Module):
             for b in range(B):
                 if not done[b]:
                     tok = int(nxt[b, 0])
-                    if tok in stop:
+                    # stop at EOS or at any token whose text holds a newline ("\n", ".\n", "\n\n" ...)
+                    if tok == eos or "\n" in self.tokenizer.decode([tok]):
                         done[b] = True
                     else:
                         result[b].append(tok)

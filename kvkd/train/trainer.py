@@ -11,6 +11,7 @@ from their caches. The run folder holds ``config.json`` (resolved options), ``lo
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -159,7 +160,7 @@ def open_teachers(cfg: TrainConfig) -> tuple[list[CacheReader], list[dict]]:
     if not cfg.caches:
         raise ValueError("no teacher cache given: pass --cache PATH (repeat it for several teachers)")
     readers = [CacheReader.open(url) for url in cfg.caches]
-    fields = ["dataset.fingerprint", "compression.slots"]
+    fields = ["dataset.fingerprint", "compression.slots", "compression.key_frame", "prompt"]
     if cfg.require_same_tokenizer:
         fields.append("tokenizer.hash")
     check_compatible([(url, r.metadata) for url, r in zip(cfg.caches, readers)], fields=tuple(fields))
@@ -260,7 +261,7 @@ def _save_checkpoint(run: Path, step: int, trainee: Trainee, opt, keep: int) -> 
     (tmp / "state.json").write_text(json.dumps({"step": step}))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)  # a checkpoint folder exists only once complete
-    for old in sorted((run / "checkpoints").glob("step-*"))[:-keep]:
+    for old in sorted((run / "checkpoints").glob("step-*"))[: -max(keep, 1)]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -329,7 +330,7 @@ def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) ->
     loader = DataLoader(
         dataset,
         batch_sampler=list(_batches(len(dataset), cfg.batch_size, cfg.seed, start, cfg.steps)),
-        collate_fn=lambda items: collate(items, tok.pad_token_id),
+        collate_fn=functools.partial(collate, pad_id=tok.pad_token_id),  # picklable for spawn/forkserver workers
         num_workers=cfg.num_workers,
         prefetch_factor=cfg.prefetch_factor if cfg.num_workers > 0 else None,
         persistent_workers=False,
@@ -339,20 +340,22 @@ def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) ->
     last = time.perf_counter()
     step_times, logs = [], None
     log_path = run / "log.jsonl"
-    if start == 0 and log_path.exists():
-        log_path.unlink()
+    if log_path.exists():  # keep the steps the checkpoint covers; later ones are redone
+        kept = [line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start]
+        log_path.write_text("".join(line + "\n" for line in kept))
     weight_sums = torch.zeros(len(cfg.caches))
     with open(log_path, "a") as log:
         for step, batch in zip(range(start, cfg.steps), loader):
             torch.manual_seed(cfg.seed * 100003 + step)  # dropout etc. reproducible on resume
             loss, logs = distill_step(trainee, batch, cfg, step)
+            lr = sched.get_last_lr()[0]  # the rate this step uses
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             opt.step()
             sched.step()
             now = time.perf_counter()
-            entry = StepLog(step=step + 1, lr=sched.get_last_lr()[0], step_s=now - last, examples_per_s=len(batch["index"]) / (now - last), **logs)
+            entry = StepLog(step=step + 1, lr=lr, step_s=now - last, examples_per_s=len(batch["index"]) / (now - last), **logs)
             last = now
             step_times.append(entry.step_s)
             weight_sums += torch.tensor(entry.weights)
