@@ -97,6 +97,7 @@ class ExtractSummary:
     tokens: int
     wall_s: float
     tokens_per_s: float
+    examples_per_s: float
     bytes_stored: int
     bytes_per_example: float
     complete: bool
@@ -279,6 +280,7 @@ def extract(
         tokens=tokens,
         wall_s=wall,
         tokens_per_s=tokens / wall if wall > 0 else 0.0,
+        examples_per_s=done / wall if wall > 0 else 0.0,
         bytes_stored=stored,
         bytes_per_example=stored / layout.num_examples,
         complete=complete,

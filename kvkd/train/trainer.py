@@ -124,6 +124,8 @@ class StepLog:
 
 @dataclass
 class TrainSummary:
+    """What a run did (the CLI prints it); ``examples_per_s`` = examples / summed step time."""
+
     run_dir: str
     steps: int
     resumed_from: int
@@ -131,6 +133,7 @@ class TrainSummary:
     final_loss: float
     final_ce: float
     mean_step_s: float
+    examples_per_s: float
     teachers: list[str]
     mean_weights: list[float]
 
@@ -338,7 +341,7 @@ def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) ->
     trainee.train()
     t0 = time.perf_counter()
     last = time.perf_counter()
-    step_times, logs = [], None
+    step_times, logs, seen = [], None, 0
     log_path = run / "log.jsonl"
     if log_path.exists():  # keep the steps the checkpoint covers; later ones are redone
         kept = [line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start]
@@ -358,6 +361,7 @@ def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) ->
             entry = StepLog(step=step + 1, lr=lr, step_s=now - last, examples_per_s=len(batch["index"]) / (now - last), **logs)
             last = now
             step_times.append(entry.step_s)
+            seen += len(batch["index"])
             weight_sums += torch.tensor(entry.weights)
             log.write(json.dumps(asdict(entry)) + "\n")
             log.flush()
@@ -375,6 +379,7 @@ def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) ->
         final_loss=logs["loss"] if logs else float("nan"),
         final_ce=logs["ce"] if logs else float("nan"),
         mean_step_s=sum(step_times) / len(step_times) if step_times else 0.0,
+        examples_per_s=seen / sum(step_times) if step_times else 0.0,
         teachers=list(cfg.caches),
         mean_weights=(weight_sums / max(1, len(step_times))).tolist(),
     )

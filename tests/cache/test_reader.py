@@ -124,3 +124,24 @@ def test_reader_in_worker_processes(complete, context):
     with multiprocessing.get_context(context).Pool(2) as pool:
         got = pool.starmap(_first_cot_len, [(reader, i) for i in (1, 9)])
     assert got == [int(rows["cot_len"][1]), int(rows["cot_len"][9])]
+
+
+def test_runs_split_sorted_indices():
+    from kvkd.cache.reader import _runs
+
+    assert _runs(np.array([0, 1, 2, 7, 9, 10])) == [(0, 3), (7, 8), (9, 11)]
+    assert _runs(np.array([4])) == [(4, 5)]
+    assert _runs(np.arange(3, 9)) == [(3, 9)]
+
+
+def test_read_scattered_int8_matches_slices(url):
+    """Scattered rows of a codec with a companion array (keys_scale) equal the one-row reads."""
+    writer = CacheWriter.open(url, TINY, METADATA, codec="int8")
+    write_all(writer)
+    assert writer.finalize()
+    reader = CacheReader.open(url)
+    got = reader.read([8, 0, 5, 6, 0])
+    for j, i in enumerate([8, 0, 5, 6, 0]):
+        one = reader.read(slice(i, i + 1))
+        for k in got:
+            np.testing.assert_array_equal(got[k][j], one[k][0])
