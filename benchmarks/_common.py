@@ -14,6 +14,7 @@ import os
 import platform
 import shutil
 import statistics
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -66,6 +67,7 @@ def interleave(variants: dict[str, Callable[[], float | None]], repeats: int) ->
             t = time.perf_counter()
             got = variants[name]()
             out[name].append(float(got) if got is not None else time.perf_counter() - t)
+            print(f"  [{time.strftime('%H:%M:%S')}] {name} repeat {r + 1}/{repeats}: {out[name][-1]:.3f} s", file=sys.stderr, flush=True)
     return out
 
 
@@ -151,9 +153,18 @@ class StepBench:
             student = build_student(cfg.student, cfg.latents or 6, cfg)
             self.trainee = Trainee(student, [], build_router("fixed", 1, student.hidden_size, {}))
         self.examples = load_examples(str(DATA), limit=rows).examples
-        self.params = [p for p in self.trainee.parameters() if p.requires_grad]
-        self.opt = torch.optim.AdamW(self.params, lr=cfg.lr)
         self.trainee.train()
+        self._start = {k: p.detach().clone() for k, p in self.trainee.named_parameters() if p.requires_grad}
+        self.reset()
+
+    def reset(self) -> None:
+        """Back to the initial trainable weights with a fresh AdamW, so every timed block starts alike."""
+        with torch.no_grad():
+            for k, p in self.trainee.named_parameters():
+                if k in self._start:
+                    p.copy_(self._start[k])
+        self.params = [p for p in self.trainee.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=self.cfg.lr)
 
     def loader(self, batches: list[list[int]], num_workers: int | None = None, dataset=None):
         from torch.utils.data import DataLoader
@@ -191,6 +202,7 @@ class StepBench:
 
     def timed_steps(self, batches) -> float:
         """Seconds per step over an iterable of batches, the first step (warm-up) excluded."""
+        self.reset()
         it = iter(batches)
         self.step(next(it))
         t, n = time.perf_counter(), 0

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 import _common as C
 from kvkd.train.routers import ROUTERS, build_router
 from kvkd.train.trainer import TrainConfig
@@ -40,9 +38,7 @@ def main() -> None:
 
     def variant(name):
         def run():
-            bench.trainee.router = routers[name]
-            bench.params = [p for p in bench.trainee.parameters() if p.requires_grad]
-            bench.opt = torch.optim.AdamW(bench.params, lr=bench.cfg.lr)
+            bench.trainee.router = routers[name]  # timed_steps resets weights and builds a fresh AdamW
             bench.cfg.router = name
             return bench.timed_steps(batches)
         return run
