@@ -28,8 +28,7 @@ def main() -> None:
     ap.add_argument("--routers", default="", help="comma-separated subset (default: all registered)")
     args = ap.parse_args()
     names = args.routers.split(",") if args.routers else ROUTERS.names()
-    if "fixed" not in names:
-        names = ["fixed", *names]
+    names = ["fixed", *[n for n in names if n != "fixed"]]  # the baseline first
     caches = C.teacher_copies(C.smollm2_cache(args.rows), args.teachers)
     bench = C.StepBench(caches, TrainConfig(student=args.student, batch_size=args.batch_size), args.rows)
     batches = list(bench.loader(bench.batches(args.steps), num_workers=0))
@@ -43,6 +42,7 @@ def main() -> None:
             return bench.timed_steps(batches)
         return run
 
+    variant("fixed")()  # warm-up (allocator, autograd caches) outside the measurement
     times = C.interleave({n: variant(n) for n in names}, args.repeats)
     med = {n: C.median(v) for n, v in times.items()}
     ratio = {n: med[n] / med["fixed"] for n in names}
