@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -95,6 +96,9 @@ def extract(
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an existing cache at --out instead of resuming it."),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Let the checkpoint run its own Python code (off by default)."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (0 = torch's default) [default: 0]."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Read only the teacher's config and tokenizer and the data; print shapes, tokens and the cache size; write nothing."),
+    student: Optional[str] = typer.Option(None, help="With --dry-run: also show the layer map and projections against this student (config only)."),
+    layer_map: Optional[str] = typer.Option(None, help="With --dry-run and --student: proportional, last, or teacher layers per student layer (0,2,4,5) [default: proportional]."),
     config: Optional[str] = typer.Option(None, help=CONFIG_HELP),
 ):
     """Run one teacher over a data set and write its compressed KV cache (resumable)."""
@@ -104,6 +108,9 @@ def extract(
                  drop_last_step=drop_last_step, trace_fallback=trace_fallback, slots=slots, lam=lam, batch_size=batch_size, dtype=dtype, codec=codec,
                  compressor=compressor, examples_per_shard=examples_per_shard, overwrite=overwrite,
                  trust_remote_code=trust_remote_code, num_threads=threads)
+    if dry_run:
+        _extract_plan(flags, config, student, layer_map)
+        return
     try:
         cfg = resolve(ExtractConfig, "extract", config, flags)
         with _progress("examples") as prog:
@@ -118,6 +125,61 @@ def extract(
     for p in summary.problems:
         console.print(f"[yellow]skipped row {p['row']}: {p['reason']}[/]")
     _print_summary("extraction", asdict(summary))
+
+
+def _extract_plan(flags: dict, config: Optional[str], student: Optional[str], layer_map: Optional[str]) -> None:
+    """``kvkd extract --dry-run``: print the plan of an extraction."""
+    from kvkd.models import ModelLoadError
+    from kvkd.plan import plan_extraction
+    from kvkd.train.align import parse_layer_map
+
+    try:
+        cfg = resolve(ExtractConfig, "extract", config, flags)
+        plan = plan_extraction(cfg, student=student, layer_map_spec=parse_layer_map(layer_map) if layer_map else "proportional")
+    except (ValueError, ConfigError, FileNotFoundError, ModelLoadError) as err:
+        _fail(err)
+    info = plan.teacher_info
+    _print_summary(f"extraction plan: {plan.teacher} (nothing run, nothing written)", {
+        "teacher": f"{info.get('architecture')} ({info.get('model_type')})",
+        "layers / heads / KV heads / head dim / hidden": f"{info['num_layers']} / {info['num_heads']} / {info['num_kv_heads']} / {info['head_dim']} / {info['hidden_size']}",
+        "tokenizer": f"{plan.tokenizer['source']}  vocab {plan.tokenizer['vocab_size']}  hash {plan.tokenizer['hash'][:12]}",
+        "rows": plan.rows,
+        "teacher tokens (total / longest row)": f"{plan.teacher_tokens:,} / {plan.max_tokens:,}",
+        "slots M / codec": f"{plan.slots} / {plan.codec}",
+        "bytes per example (uncompressed)": f"{plan.bytes_per_example:,}",
+        "total cache size (uncompressed)": f"{plan.total_bytes:,} bytes ({plan.total_bytes / 2**20:,.1f} MiB)",
+        "shards (examples per shard)": f"{plan.num_shards} ({plan.examples_per_shard})",
+        "rows reading the fallback trace": len(plan.trace_fallback_rows),
+    })
+    table = Table("array", "per-example shape", "stored dtype")
+    for name, (shape, dtype) in plan.arrays.items():
+        table.add_row(name, str(tuple(shape)), dtype)
+    console.print(table)
+    if plan.student:
+        s = plan.student
+        sh = s["shape"]
+        _print_summary(f"against student {s['spec']}", {
+            "student layers / KV heads / head dim / hidden": f"{sh['num_layers']} / {sh['num_kv_heads']} / {sh['head_dim']} / {sh['hidden_size']}",
+            "layer map (teacher layer per student layer)": s["layer_map"],
+            "KV projection": s["kv_projection"],
+            "hidden projection": s["hidden_projection"],
+            "same tokenizer as the student": "yes" if s["tokenizer_shared"] else "no (fine in latent mode)",
+        })
+
+
+def _print_teachers(run_dir: str) -> None:
+    """Per-teacher table of a run: shape, layer map, projections, tokenizer shared with the student."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        return
+    teachers = json.loads(Path(path).read_text()).get("teachers", [])
+    table = Table("teacher cache", "L/H_kv/D/d", "layer map", "KV / hidden", "student's tokenizer", title="teachers")
+    for t in teachers:
+        sh, al = t.get("shape", {}), t.get("alignment", {})
+        shared = "shared" if t.get("tokenizer_shared_with_student") else "differs: " + "; ".join(t.get("tokenizer_differences", [])[:2])
+        table.add_row(str(t.get("cache")), f"{sh.get('num_layers')}/{sh.get('num_kv_heads')}/{sh.get('head_dim')}/{sh.get('hidden_size')}",
+                      str(al.get("layer_map")), f"{al.get('kv', '?').split(' ')[0]} / {al.get('hidden', '?').split(' ')[0]}", shared)
+    console.print(table)
 
 
 # ----------------------------------------------------------------------------- train
@@ -136,6 +198,16 @@ def _router_options(weights: Optional[str], options: Optional[List[str]]) -> Opt
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+def _layer_map_option(values: Optional[List[str]]):
+    """``--layer-map`` given once (all teachers) or once per teacher -> TrainConfig.layer_map."""
+    from kvkd.train.align import parse_layer_map
+
+    if not values:
+        return None
+    parsed = [parse_layer_map(v) for v in values]
+    return parsed[0] if len(parsed) == 1 else parsed
 
 
 @app.command()
@@ -160,7 +232,9 @@ def train(
     router: Optional[str] = typer.Option(None, help=f"Router: fixed, similarity, learnable. {_d(TrainConfig, 'router')}"),
     router_weights: Optional[str] = typer.Option(None, help="Fixed router weights, comma-separated, one per --cache (normalised)."),
     router_option: Optional[List[str]] = typer.Option(None, help="Router option KEY=VALUE (JSON value), e.g. temperature=0.5; repeatable."),
-    layer_map: Optional[str] = typer.Option(None, help=f"Teacher layer for each student layer: proportional or last. {_d(TrainConfig, 'layer_map')}"),
+    layer_map: Optional[List[str]] = typer.Option(None, help=f"Teacher layer for each student layer: proportional, last, or a list like 0,2,4,5; give it once for all teachers or once per --cache, in order. {_d(TrainConfig, 'layer_map')}"),
+    require_same_tokenizer: Optional[bool] = typer.Option(None, "--require-same-tokenizer/--allow-other-tokenizers", help="Refuse teachers whose tokenizer differs from the student's (latent distillation does not need it) [default: allow]."),
+    align_fit_rows: Optional[int] = typer.Option(None, help=f"Cached rows per teacher used to fit the fixed bases of shrinking projections. {_d(TrainConfig, 'align_fit_rows')}"),
     lora: Optional[bool] = typer.Option(None, "--lora/--no-lora", help="Train LoRA adapters (peft) instead of all weights [default: lora]."),
     lora_r: Optional[int] = typer.Option(None, help=f"LoRA rank. {_d(TrainConfig, 'lora_r')}"),
     lora_alpha: Optional[int] = typer.Option(None, help=f"LoRA alpha. {_d(TrainConfig, 'lora_alpha')}"),
@@ -178,7 +252,8 @@ def train(
         flags = dict(caches=cache or None, out=out, student=student, data=data, split=split, data_format=data_format, offset=offset,
                      limit=limit, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, a1=a1, a2=a2, kv_loss=kv_loss,
                      hidden_loss=hidden_loss, std_norm=std_norm, router=router, router_options=_router_options(router_weights, router_option),
-                     layer_map=layer_map, use_lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, latents=latents, seed=seed,
+                     layer_map=_layer_map_option(layer_map), require_same_tokenizer=require_same_tokenizer,
+                     align_fit_rows=align_fit_rows, use_lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, latents=latents, seed=seed,
                      num_workers=workers, save_every=save_every, num_threads=threads)
         cfg = resolve(TrainConfig, "train", config, flags)
         with _progress("steps") as prog:
@@ -191,6 +266,7 @@ def train(
             summary = run_train(cfg, on_step=on_step)
     except (ValueError, KeyError, TypeError, ConfigError, FileNotFoundError, RuntimeError) as err:
         _fail(err)
+    _print_teachers(summary.run_dir)
     _print_summary("training", asdict(summary))
 
 
@@ -248,7 +324,11 @@ def cache_info(path: str = typer.Argument(..., help="Cache path or URL."), as_js
         console.print_json(json.dumps(info, default=str))
         return
     meta = info.get("metadata", {})
-    _print_summary(f"cache {path}", {k: v for k, v in meta.items()})
+    tok = meta.get("tokenizer", {})
+    _print_summary(f"cache {path}", {
+        "tokenizer": f"{tok.get('source')}  vocab_size {tok.get('vocab_size')} (len(tokenizer), added tokens included)  hash {tok.get('hash')}",
+        **{k: v for k, v in meta.items()},
+    })
     table = Table("array", "shape", "dtype", "chunks", "shards", "codecs", "stored bytes")
     for name, a in info.get("arrays", {}).items():
         table.add_row(name, str(a.get("shape")), str(a.get("dtype")), str(a.get("chunks")), str(a.get("shards")), _codec_names(a.get("codecs")), f"{a.get('stored_bytes', 0):,}")

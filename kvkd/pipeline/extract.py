@@ -154,7 +154,7 @@ def tokenize_teacher(tokenizer, examples: list[Example], traces: list[str], temp
     return TeacherBatch(input_ids, mask, torch.tensor(cots), torch.tensor(answers))
 
 
-def _traces(examples: list[Example], cfg: ExtractConfig) -> tuple[list[str], list[str]]:
+def resolve_traces(examples: list[Example], cfg: ExtractConfig) -> tuple[list[str], list[str]]:
     """The trace of every example, with ``cfg.trace_fallback`` for empty ones.
 
     Raises:
@@ -224,7 +224,7 @@ def extract(
     data = load_examples(cfg.data, split=cfg.split, fmt=cfg.data_format, limit=cfg.limit, offset=cfg.offset)
     if not data.examples:
         raise ValueError(f"{cfg.data}: no examples selected (offset={cfg.offset}, limit={cfg.limit})")
-    traces, fallback_ids = _traces(data.examples, cfg)
+    traces, fallback_ids = resolve_traces(data.examples, cfg)
     loaded = loaded or load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     model, tok = loaded.model, loaded.tokenizer
     info = loaded.info

@@ -25,16 +25,18 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 
-from kvkd.cache.compat import check_compatible
+from kvkd.cache.compat import check_compatible, check_same_tokenizer, get_field
+from kvkd.cache.errors import CacheMismatchError
 from kvkd.cache.reader import CacheReader
 from kvkd.data import dataset_fingerprint, load_examples
 from kvkd.models import load_model, tokenizer_identity
 from kvkd.prompts import PromptTemplate
-from kvkd.train.align import Shape, TeacherAligner, layer_map
+from kvkd.train.align import Shape, TeacherAligner, layer_map, layer_maps_per_teacher
 from kvkd.train.loader import DistillDataset, collate
 from kvkd.train.losses import codi_loss, kv_loss
 from kvkd.train.routers import RouterInputs, build_router
 from kvkd.train.student import LatentStudent, add_latent_tokens
+from kvkd.train.teachers import describe_teachers, fit_samples, needs_fit
 
 
 @dataclass
@@ -55,11 +57,18 @@ class TrainConfig:
         std_norm: per-layer teacher-std normalisation of both distillation losses.
         router: router name (``fixed``, ``similarity``, ``learnable``, ...).
         router_options: keyword options of the router (e.g. ``{"weights": [0.7, 0.3]}``).
-        layer_map: ``proportional`` or ``last`` (teacher layer for each student layer).
+        layer_map: teacher layer for each student layer: ``proportional`` (depth-proportional,
+            any shapes), ``last`` (the teacher's last L_s layers), or an explicit list of L_s
+            teacher layers; one value for every teacher, or a list with one per teacher (in
+            ``caches`` order), e.g. ``["proportional", "last", [0, 2, 4, 5]]``.
+        align_fit_rows: cached rows read per teacher to fit the fixed principal bases of the
+            projections that shrink a teacher space (see ``kvkd.train.align``).
         use_lora, lora_r, lora_alpha, lora_dropout, lora_targets: peft LoRA settings
             (CODI's defaults are r=128, alpha=32; r=16 keeps CPU runs small).
         latents: M continuous thoughts; 0 = the caches' slot budget M.
-        require_same_tokenizer: refuse caches whose tokenizer hashes differ.
+        require_same_tokenizer: refuse teachers whose tokenizer differs from the student's (or
+            from each other's). Off by default: latent distillation needs no token
+            correspondence; the run records which teachers share the student's tokenizer.
         dtype: student dtype; seed: RNG seed; num_workers / prefetch_factor: loader.
         log_every: steps between console progress callbacks; save_every: steps between
             checkpoints (0 = only at the end); keep_checkpoints: newest checkpoints kept.
@@ -87,14 +96,15 @@ class TrainConfig:
     std_norm: bool = True
     router: str = "fixed"
     router_options: dict = field(default_factory=dict)
-    layer_map: str = "proportional"
+    layer_map: str | list = "proportional"
+    align_fit_rows: int = 256
     use_lora: bool = True
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     lora_targets: str = "all-linear"
     latents: int = 0
-    require_same_tokenizer: bool = True
+    require_same_tokenizer: bool = False
     dtype: str = "float32"
     seed: int = 0
     num_workers: int = 1
@@ -156,14 +166,34 @@ def build_student(spec: str, latents: int, cfg: TrainConfig, template: PromptTem
 
 
 def open_teachers(cfg: TrainConfig) -> tuple[list[CacheReader], list[dict]]:
-    """Open and cross-check the teacher caches (fingerprint, tokenizer hash, M)."""
+    """Open and cross-check the teacher caches.
+
+    They must agree on the data-set fingerprint (over text, so teachers with different
+    tokenizers combine), the slot budget M and the prompt layout; each must hold keys in a
+    position-free (pre-RoPE) frame, which may differ between families (``k_proj`` output,
+    or after a key norm). With ``require_same_tokenizer`` their tokenizer hashes must agree
+    too (the student's is checked in :func:`build_trainee`).
+
+    Raises:
+        kvkd.cache.errors.CacheMismatchError: names the field and every cache's value.
+        ValueError: no cache given.
+    """
     if not cfg.caches:
         raise ValueError("no teacher cache given: pass --cache PATH (repeat it for several teachers)")
     readers = [CacheReader.open(url) for url in cfg.caches]
-    fields = ["dataset.fingerprint", "compression.slots", "compression.key_frame", "prompt"]
+    named = [(url, r.metadata) for url, r in zip(cfg.caches, readers)]
+    fields = ["dataset.fingerprint", "compression.slots", "prompt"]
     if cfg.require_same_tokenizer:
         fields.append("tokenizer.hash")
-    check_compatible([(url, r.metadata) for url, r in zip(cfg.caches, readers)], fields=tuple(fields))
+    check_compatible(named, fields=tuple(fields))
+    frames = {url: get_field(meta, "compression.key_frame") for url, meta in named}
+    moving = {url: f for url, f in frames.items() if not str(f).startswith("pre_rope")}
+    if moving:
+        raise CacheMismatchError(
+            f"teacher cache(s) hold keys in a position-dependent frame: {moving}; KV distillation compares keys before RoPE. Re-extract them with this kvkd",
+            "compression.key_frame",
+            frames,
+        )
     return readers, [r.metadata for r in readers]
 
 
@@ -273,19 +303,40 @@ def latest_checkpoint(run: Path) -> Path | None:
 
 
 def build_trainee(cfg: TrainConfig, metas: list[dict]) -> Trainee:
-    """Student + aligners + router for a config and its caches' metadata."""
+    """Student + one aligner per teacher + router for a config and its caches' metadata.
+
+    Each teacher gets its layer map (``cfg.layer_map``, one for all or one per teacher) and,
+    where its shapes differ from the student's, projections whose fixed bases are fitted on
+    its first ``cfg.align_fit_rows`` cached rows. ``trainee.teachers`` holds the per-teacher
+    record written into ``config.json``.
+
+    Raises:
+        ValueError: latents != M, or a layer map that does not fit a teacher (names it).
+        kvkd.cache.errors.CacheMismatchError: ``require_same_tokenizer`` and a teacher whose
+            tokenizer differs from the student's (names the teacher and what differs).
+    """
     latents = cfg.latents or metas[0]["compression"]["slots"]
     if latents != metas[0]["compression"]["slots"]:
         raise ValueError(f"--latents {latents} differs from the caches' slot budget M={metas[0]['compression']['slots']}")
     student = build_student(cfg.student, latents, cfg)
+    urls = list(cfg.caches)
+    if cfg.require_same_tokenizer:
+        check_same_tokenizer((f"student {cfg.student}", student.tokenizer_identity), list(zip(urls, metas)), "--require-same-tokenizer")
     s_shape = Shape(student.num_layers, student.num_kv_heads, student.head_dim, student.hidden_size)
+    specs = layer_maps_per_teacher(cfg.layer_map, len(metas))
     aligners = []
-    for meta in metas:
-        lay = meta["layout"]
-        t_shape = Shape(lay["num_layers"], lay["num_kv_heads"], lay["head_dim"], lay["hidden_size"])
-        aligners.append(TeacherAligner(t_shape, s_shape, layer_map(t_shape.num_layers, s_shape.num_layers, cfg.layer_map)))
+    for url, meta, spec in zip(urls, metas, specs):
+        t_shape = Shape.from_layout(meta["layout"])
+        try:
+            mapping = layer_map(t_shape.num_layers, s_shape.num_layers, spec)
+        except ValueError as err:
+            raise ValueError(f"teacher {url}: {err}") from None
+        samples = fit_samples(CacheReader.open(url), cfg.align_fit_rows) if needs_fit(t_shape, s_shape) else None
+        aligners.append(TeacherAligner(t_shape, s_shape, mapping, samples))
     router = build_router(cfg.router, len(metas), student.hidden_size, cfg.router_options)
-    return Trainee(student, aligners, router)
+    trainee = Trainee(student, aligners, router)
+    trainee.teachers = describe_teachers(urls, metas, student.tokenizer_identity, aligners, specs)
+    return trainee
 
 
 def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) -> TrainSummary:
@@ -308,7 +359,9 @@ def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) ->
     trainee = build_trainee(cfg, metas)
     tok = trainee.student.tokenizer
     resolved = asdict(cfg)
-    resolved["teachers"] = [{"cache": url, "teacher": m["teacher"].get("spec"), "trace": m["dataset"].get("trace"), "tokenizer_shared_with_student": m["tokenizer"]["hash"] == trainee.student.tokenizer_identity["hash"]} for url, m in zip(cfg.caches, metas)]
+    resolved["teachers"] = trainee.teachers  # shapes, layer maps, projections, tokenizer shared or not
+    resolved["student_shape"] = {"num_layers": trainee.student.num_layers, "num_kv_heads": trainee.student.num_kv_heads, "head_dim": trainee.student.head_dim, "hidden_size": trainee.student.hidden_size}
+    resolved["student_tokenizer"] = {k: trainee.student.tokenizer_identity.get(k) for k in ("source", "vocab_size", "hash")}
     resolved["latents"] = trainee.student.num_latents
     resolved["layer_maps"] = [a.mapping.tolist() for a in trainee.aligners]
     (run / "config.json").write_text(json.dumps(resolved, indent=2))
@@ -384,6 +437,10 @@ def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) ->
 
 def load_run(run_dir: str | Path):
     """Rebuild a run's trained student (for ``kvkd eval``) from its config and newest checkpoint.
+
+    Only the student is rebuilt: the checkpoint's ``aligners.*`` (teacher projections) and
+    ``router.*`` tensors are training-only and are not part of the exported student; no
+    cache is opened, so a run evaluates without its teachers' caches.
 
     Returns:
         (LatentStudent in eval mode, resolved config dict).
