@@ -64,6 +64,8 @@ def _codec_names(codecs) -> str:
 
 def _print_summary(title: str, data: dict) -> None:
     table = Table(title=title, show_header=False)
+    table.add_column()
+    table.add_column(overflow="fold")
     for k, v in data.items():
         if isinstance(v, float):
             v = f"{v:,.3f}"
@@ -173,7 +175,9 @@ def _print_teachers(run_dir: str) -> None:
     if not os.path.isfile(path):
         return
     teachers = json.loads(Path(path).read_text()).get("teachers", [])
-    table = Table("teacher cache", "L/H_kv/D/d", "layer map", "KV / hidden", "student's tokenizer", title="teachers")
+    table = Table(title="teachers")
+    for name in ("teacher cache", "L/H_kv/D/d", "layer map", "KV / hidden", "tokenizer vs the student's"):
+        table.add_column(name, overflow="fold")
     for t in teachers:
         sh, al = t.get("shape", {}), t.get("alignment", {})
         shared = "shared" if t.get("tokenizer_shared_with_student") else "differs: " + "; ".join(t.get("tokenizer_differences", [])[:2])
@@ -326,8 +330,9 @@ def cache_info(path: str = typer.Argument(..., help="Cache path or URL."), as_js
     meta = info.get("metadata", {})
     tok = meta.get("tokenizer", {})
     _print_summary(f"cache {path}", {
-        "tokenizer": f"{tok.get('source')}  vocab_size {tok.get('vocab_size')} (len(tokenizer), added tokens included)  hash {tok.get('hash')}",
-        **{k: v for k, v in meta.items()},
+        "tokenizer vocab_size": f"{tok.get('vocab_size')} (len(tokenizer): every id it emits, added tokens included; not the embedding size)",
+        "tokenizer hash": f"{tok.get('hash')} (vocabulary, merges, special tokens, pre-tokenisation)",
+        **meta,
     })
     table = Table("array", "shape", "dtype", "chunks", "shards", "codecs", "stored bytes")
     for name, a in info.get("arrays", {}).items():

@@ -1,9 +1,10 @@
 """Check that teacher caches can be trained on together (and with the training data).
 
 Training refuses caches that disagree with each other, or with the training data, on the data
-set fingerprint, the tokenizer hash or the slot budget M, with an error naming the field, the
-caches and their values. Tokenizers may legitimately differ between teachers (DESIGN.md section
-4): callers mixing tokenizers drop ``"tokenizer.hash"`` from ``fields``.
+set fingerprint or the slot budget M, with an error naming the field, the caches and their
+values. Tokenizers may legitimately differ between teachers and the student (DESIGN.md section
+4); :func:`tokenizer_differences` says how two differ, and :func:`check_same_tokenizer` refuses
+a mismatch for the modes that need token correspondence, naming the teacher.
 """
 
 from __future__ import annotations

@@ -18,17 +18,19 @@ constant). Per-layer std normalisation removes the pure-scale shortcut but not t
 - ``B`` (fixed, not trained): when the teacher space is larger than the student's, the
   teacher's top principal directions, fitted once on cached rows (PCA keeps the most
   per-example variance any rank-``n_out`` orthogonal projection can keep, Eckart-Young);
-  otherwise the identity.
-- ``R`` (trained): a rotation / isometric embedding, kept exactly orthogonal by
-  ``torch.nn.utils.parametrizations.orthogonal``.
+  otherwise an isometric embedding ``[I; 0]``.
+- ``R`` (trained): a rotation of the student's space, kept exactly orthogonal by
+  ``torch.nn.utils.parametrizations.orthogonal`` (Cayley map).
 
 So ``||P t1 - P t2|| = ||B (t1 - t2)||`` at every step: distances between targets, hence
 their spread, cannot shrink during training; the projection can only choose *how* the
 teacher's geometry is oriented in the student's coordinates (the orthogonal-Procrustes
 alignment used for embedding spaces, e.g. Smith et al. 2017; Conneau et al. 2018). The
 price: the student must match the teacher's anisotropy up to rotation, not a re-scaled
-version of it, and each step evaluates an orthogonal map (a ``matrix_exp`` of
-``n_out x n_out`` for square ``R``) per projected layer.
+version of it, and each step evaluates one Cayley map (a linear solve of ``n_out x n_out``)
+per projected layer. The Cayley map rather than ``matrix_exp``: on CPU (torch 2.13, d = 896)
+its forward + backward takes ~0.4 s against ~6 s for ``matrix_exp``, whose backward is slow;
+it reaches every rotation without an eigenvalue -1, which is enough starting from the identity.
 
 KV slots: the teacher compressed its cache per KV head, so slot ``m`` of different heads
 may come from different CoT tokens; a KV projection maps the concatenation of all heads'
@@ -187,9 +189,9 @@ class TargetProjection(nn.Module):
     ``B`` (buffer ``basis``, (n_out, n_in), fixed): when n_in > n_out, orthonormal rows
     spanning the samples' top-n_out principal directions; otherwise ``[I; 0]`` (orthonormal
     columns, an isometric embedding). ``R`` (``rotation``, an ``nn.Linear(n_out, n_out)``
-    under ``parametrizations.orthogonal`` with its ``matrix_exp`` map) starts as the
-    identity and is trained; it stays exactly orthogonal for any value of its parameter
-    (weight decay only pulls it back towards the identity). See the module docstring for why.
+    under ``parametrizations.orthogonal`` with the Cayley map) starts as the identity and is
+    trained; it stays exactly orthogonal for any value of its parameter (weight decay only
+    pulls it back towards the identity). See the module docstring for why.
     """
 
     def __init__(self, n_in: int, n_out: int, samples: torch.Tensor | None = None, seed: int = 0):
@@ -199,7 +201,7 @@ class TargetProjection(nn.Module):
         self.register_buffer("basis", basis)  # (n_out, n_in), saved in checkpoints
         rot = nn.Linear(n_out, n_out, bias=False)
         nn.init.eye_(rot.weight)
-        self.rotation = orthogonal(rot, orthogonal_map="matrix_exp")
+        self.rotation = orthogonal(rot, orthogonal_map="cayley")
 
     @property
     def weight(self) -> torch.Tensor:

@@ -182,10 +182,9 @@ def open_teachers(cfg: TrainConfig) -> tuple[list[CacheReader], list[dict]]:
         raise ValueError("no teacher cache given: pass --cache PATH (repeat it for several teachers)")
     readers = [CacheReader.open(url) for url in cfg.caches]
     named = [(url, r.metadata) for url, r in zip(cfg.caches, readers)]
-    fields = ["dataset.fingerprint", "compression.slots", "prompt"]
+    check_compatible(named, fields=("dataset.fingerprint", "compression.slots", "prompt"))
     if cfg.require_same_tokenizer:
-        fields.append("tokenizer.hash")
-    check_compatible(named, fields=tuple(fields))
+        check_same_tokenizer((f"first teacher {named[0][0]}", named[0][1].get("tokenizer", {})), named[1:], "--require-same-tokenizer")
     frames = {url: get_field(meta, "compression.key_frame") for url, meta in named}
     moving = {url: f for url, f in frames.items() if not str(f).startswith("pre_rope")}
     if moving:
