@@ -113,10 +113,10 @@ def test_answer_boundary_is_right_under_both_tokenizers(world):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("router", ["fixed", "similarity"])
-def test_train_mixed_teachers_with_two_routers_then_eval(world, tmp_path, router):
+@pytest.mark.parametrize("router,options", [("fixed", {}), ("similarity", {"fusion": "target", "a3": 1.0, "kv_weighting": "importance"})])
+def test_train_mixed_teachers_with_two_routers_then_eval(world, tmp_path, router, options):
     run = tmp_path / router
-    summary = train(_cfg(world, run, router=router))
+    summary = train(_cfg(world, run, router=router, **options))
     cfg = json.loads((run / "config.json").read_text())
     teachers = cfg["teachers"]
     assert [t["tokenizer_shared_with_student"] for t in teachers] == [True, True, False]
