@@ -32,6 +32,11 @@ def _d(cls, name):
     return f"[default: {default_of(cls, name)}]"
 
 
+def _rank() -> int:
+    """This process's global rank under torchrun/deepspeed (RANK), 0 otherwise."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def _fail(err: Exception) -> None:
     console.print(f"[bold red]error:[/] {err}")
     raise typer.Exit(code=2)
@@ -169,9 +174,16 @@ def train(
     workers: Optional[int] = typer.Option(None, help=f"DataLoader worker processes reading the caches. {_d(TrainConfig, 'num_workers')}"),
     save_every: Optional[int] = typer.Option(None, help=f"Steps between checkpoints (0 = at the end only). {_d(TrainConfig, 'save_every')}"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (0 = torch's default) [default: 0]."),
+    device: Optional[str] = typer.Option(None, help=f"auto, cpu or cuda[:N] (without --deepspeed). {_d(TrainConfig, 'device')}"),
+    deepspeed: Optional[str] = typer.Option(None, help="DeepSpeed JSON config (ZeRO 1/2/3, offload, bf16; e.g. kvkd/configs/ds_zero2.json); launch with `deepspeed` or `torchrun`."),
+    local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True, help="Set by the deepspeed launcher; the rank is read from LOCAL_RANK."),
     config: Optional[str] = typer.Option(None, help=CONFIG_HELP),
 ):
-    """Train a latent (CODI/KaVa) student against teacher caches with a router; no teacher is loaded."""
+    """Train a latent (CODI/KaVa) student against teacher caches with a router; no teacher is loaded.
+
+    With --deepspeed, run one process per rank: `torchrun --nproc_per_node N -m kvkd.cli train --deepspeed ds.json ...`
+    or `deepspeed --module kvkd.cli train --deepspeed ds.json ...`; rank 0 prints and writes the run folder.
+    """
     from kvkd.train.trainer import train as run_train
 
     try:
@@ -179,8 +191,11 @@ def train(
                      limit=limit, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, a1=a1, a2=a2, kv_loss=kv_loss,
                      hidden_loss=hidden_loss, std_norm=std_norm, router=router, router_options=_router_options(router_weights, router_option),
                      layer_map=layer_map, use_lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, latents=latents, seed=seed,
-                     num_workers=workers, save_every=save_every, num_threads=threads)
+                     num_workers=workers, save_every=save_every, num_threads=threads, device=device, deepspeed=deepspeed)
         cfg = resolve(TrainConfig, "train", config, flags)
+        if _rank() != 0:  # other ranks train silently; rank 0 shows progress and the summary
+            run_train(cfg)
+            return
         with _progress("steps") as prog:
             task = prog.add_task("train", total=cfg.steps, rate="")
 
@@ -197,7 +212,7 @@ def train(
 # ----------------------------------------------------------------------------- eval
 @app.command("eval")
 def eval_cmd(
-    run: Optional[str] = typer.Option(None, help="A `kvkd train` run folder (latent mode)."),
+    run: Optional[str] = typer.Option(None, help="A `kvkd train` run folder or a `kvkd export` folder (latent mode)."),
     model: Optional[str] = typer.Option(None, help="A plain model (smollm2, .gguf, folder, hub id) for the nocot/cot baselines or --untrained."),
     mode: Optional[str] = typer.Option(None, help=f"latent, nocot or cot. {_d(EvalConfig, 'mode')}"),
     untrained: Optional[bool] = typer.Option(None, "--untrained", help="Latent mode with a fresh, untrained latent student built from --model."),
@@ -232,6 +247,24 @@ def eval_cmd(
         _fail(err)
     console.print(results_table([result]))
     console.print(f"predictions: {result.predictions}")
+
+
+# ----------------------------------------------------------------------------- export
+@app.command()
+def export(
+    run: str = typer.Option(..., help="A `kvkd train` run folder (plain or DeepSpeed); its newest checkpoint is exported."),
+    out: str = typer.Option(..., help="Folder to write: a Hugging Face model (LoRA merged) + tokenizer + latent head."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into an existing non-empty folder."),
+):
+    """Export a trained student as a normal Hugging Face folder (transformers loads it) plus its latent head
+    (CODI projection, <bot>/<eot> vectors, M) that `kvkd eval --run FOLDER` uses; aligners and router are left out."""
+    from kvkd.train.export import export_run
+
+    try:
+        path = export_run(run, out, overwrite=overwrite)
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+        _fail(err)
+    console.print(f"exported {run} -> {path}")
 
 
 # ----------------------------------------------------------------------------- cache

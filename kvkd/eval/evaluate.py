@@ -34,7 +34,7 @@ class EvalConfig:
     """Options of ``kvkd eval``.
 
     Attributes:
-        run: a ``kvkd train`` run folder (latent mode).
+        run: a ``kvkd train`` run folder or a ``kvkd export`` folder (latent mode).
         model: a plain model spec (``nocot``/``cot`` baselines, or ``untrained`` latent student).
         mode: ``latent``, ``nocot`` or ``cot``.
         untrained: latent mode with a fresh (untrained) student built from ``model``.
@@ -161,9 +161,10 @@ def evaluate(cfg: EvalConfig, on_progress: Callable[[int, int], None] | None = N
         name = cfg.run or f"{cfg.model} (untrained latent)"
         if student is None:
             if cfg.run:
+                from kvkd.train.export import is_export, load_export
                 from kvkd.train.trainer import load_run
 
-                student, _ = load_run(cfg.run)
+                student, _ = load_export(cfg.run) if is_export(cfg.run) else load_run(cfg.run)
             elif cfg.untrained and cfg.model:
                 from kvkd.train.trainer import TrainConfig, build_student
 
