@@ -100,15 +100,21 @@ def extract(
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an existing cache at --out instead of resuming it."),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Let the checkpoint run its own Python code (off by default)."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (0 = torch's default) [default: 0]."),
+    num_shards: Optional[int] = typer.Option(None, help="Parallel jobs writing this cache: job i takes the cache shards s with s % N == i (0 = RANK/WORLD_SIZE of torchrun/deepspeed, or one job) [default: 0]."),
+    shard_index: Optional[int] = typer.Option(None, help="This job's index in [0, --num-shards)."),
     config: Optional[str] = typer.Option(None, help=CONFIG_HELP),
 ):
-    """Run one teacher over a data set and write its compressed KV cache (resumable)."""
+    """Run one teacher over a data set and write its compressed KV cache (resumable).
+
+    Several jobs (`--num-shards N --shard-index i`) or ranks (`torchrun --nproc_per_node N -m kvkd.cli extract ...`)
+    may write one cache at once; the last to finish marks it complete.
+    """
     from kvkd.pipeline.extract import extract as run_extract
 
     flags = dict(model=model, data=data, out=out, split=split, data_format=data_format, offset=offset, limit=limit, trace=trace,
                  drop_last_step=drop_last_step, trace_fallback=trace_fallback, slots=slots, lam=lam, batch_size=batch_size, dtype=dtype, codec=codec,
                  compressor=compressor, examples_per_shard=examples_per_shard, overwrite=overwrite,
-                 trust_remote_code=trust_remote_code, num_threads=threads)
+                 trust_remote_code=trust_remote_code, num_threads=threads, num_shards=num_shards, shard_index=shard_index)
     try:
         cfg = resolve(ExtractConfig, "extract", config, flags)
         with _progress("examples") as prog:
