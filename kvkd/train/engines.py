@@ -10,7 +10,7 @@
   whole :class:`~kvkd.train.trainer.Trainee` (student, aligners, router) is the engine's model, so
   projection and router parameters are trained, partitioned and checkpointed with it. Without an
   ``optimizer`` section in the config a ``torch.optim.AdamW`` is passed in (no fused kernel to
-  compile); the lr schedule is the same ``LambdaLR`` and is saved in DeepSpeed's checkpoint.
+  compile); the lr schedule is the same ``LambdaLR``, replayed to the resumed step from this run's ``--steps``.
 
 Both write, per checkpoint ``checkpoints/step-N/``, ``trainable.safetensors`` (the gathered trainable
 tensors, full size, what ``kvkd eval``/``kvkd export`` read) and ``state.json`` last: a checkpoint
@@ -310,9 +310,12 @@ class DeepSpeedEngine:
         state = json.loads((ckpt / "state.json").read_text())
         if state.get("engine") != "deepspeed":
             raise ValueError(f"{ckpt} was written without DeepSpeed: resume it without --deepspeed")
-        path, _ = self.engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_module_strict=False)
+        path, _ = self.engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name, load_module_strict=False, load_lr_scheduler_states=False)
         if path is None:
             raise ValueError(f"DeepSpeed could not load the checkpoint {ckpt} (written by another world size or ZeRO stage?)")
+        # the schedule follows this run's --steps (a resumed run may train longer), as in PlainEngine
+        for _ in range(state["step"]):
+            self.engine.lr_scheduler.step()
         return state["step"]
 
     def all_mean(self, values: torch.Tensor, weight: float) -> torch.Tensor:
