@@ -231,6 +231,10 @@ class DeepSpeedEngine:
         self.stage = self.engine.zero_optimization_stage()
         self.half = torch.bfloat16 if self.engine.bfloat16_enabled() else torch.float16 if self.engine.fp16_enabled() else None
         self.device_type = get_accelerator().device_name()
+        if self.half is not None:  # autocast leaves layer_norm alone, and it refuses fp32 inputs with half weights
+            for m in self.module.modules():
+                if isinstance(m, torch.nn.LayerNorm) and m.weight is not None:
+                    m.register_forward_pre_hook(_input_to_weight_dtype)
         self.info = EngineInfo("deepspeed", self.world_size, self.stage, str(self.half).replace("torch.", "") if self.half else cfg.dtype)
 
     def _config(self, cfg) -> dict:
@@ -326,6 +330,10 @@ class DeepSpeedEngine:
 
     def barrier(self) -> None:
         self.dist.barrier()
+
+
+def _input_to_weight_dtype(module, args):
+    return (args[0].to(module.weight.dtype), *args[1:])
 
 
 def build_engine(trainee: torch.nn.Module, cfg):
