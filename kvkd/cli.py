@@ -102,6 +102,7 @@ def extract(
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (0 = torch's default) [default: 0]."),
     num_shards: Optional[int] = typer.Option(None, help="Parallel jobs writing this cache: job i takes the cache shards s with s % N == i (0 = RANK/WORLD_SIZE of torchrun/deepspeed, or one job) [default: 0]."),
     shard_index: Optional[int] = typer.Option(None, help="This job's index in [0, --num-shards)."),
+    device: Optional[str] = typer.Option(None, help=f"auto (this rank's CUDA device if visible, else cpu), cpu or cuda[:N]. {_d(ExtractConfig, 'device')}"),
     config: Optional[str] = typer.Option(None, help=CONFIG_HELP),
 ):
     """Run one teacher over a data set and write its compressed KV cache (resumable).
@@ -114,7 +115,7 @@ def extract(
     flags = dict(model=model, data=data, out=out, split=split, data_format=data_format, offset=offset, limit=limit, trace=trace,
                  drop_last_step=drop_last_step, trace_fallback=trace_fallback, slots=slots, lam=lam, batch_size=batch_size, dtype=dtype, codec=codec,
                  compressor=compressor, examples_per_shard=examples_per_shard, overwrite=overwrite,
-                 trust_remote_code=trust_remote_code, num_threads=threads, num_shards=num_shards, shard_index=shard_index)
+                 trust_remote_code=trust_remote_code, num_threads=threads, num_shards=num_shards, shard_index=shard_index, device=device)
     try:
         cfg = resolve(ExtractConfig, "extract", config, flags)
         with _progress("examples") as prog:
@@ -233,6 +234,7 @@ def eval_cmd(
     answer_check: Optional[str] = typer.Option(None, help=f"numeric (GSM8K-style) or math (math-verify, MATH500). {_d(EvalConfig, 'answer_check')}"),
     out: Optional[str] = typer.Option(None, help="Per-example predictions JSONL [default: RUN/predictions.jsonl or ./predictions.jsonl]."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (0 = default) [default: 0]."),
+    device: Optional[str] = typer.Option(None, help=f"auto (CUDA if visible, else cpu), cpu or cuda[:N]. {_d(EvalConfig, 'device')}"),
     config: Optional[str] = typer.Option(None, help=CONFIG_HELP),
 ):
     """Evaluate a trained run (latent decoding) or a plain model; accuracy with 95% CI and gold-answer NLL."""
@@ -241,7 +243,7 @@ def eval_cmd(
 
     flags = dict(run=run, model=model, mode=mode, untrained=untrained, latents=latents, data=data, split=split, data_format=data_format,
                  offset=offset, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, answer_check=answer_check, out=out,
-                 num_threads=threads)
+                 num_threads=threads, device=device)
     try:
         cfg = resolve(EvalConfig, "eval", config, flags)
         if not cfg.data:

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
 import numpy as np
@@ -29,8 +29,8 @@ from kvkd.cache.errors import CacheError
 from kvkd.cache.schema import CacheLayout
 from kvkd.cache.writer import CacheWriter
 from kvkd.data import DataError, Example, LoadResult, build_trace, dataset_fingerprint, load_examples
-from kvkd.models import LoadedModel, key_module, decoder_layers, load_model, tokenizer_identity
-from kvkd.pipeline.capture import TeacherBatch, capture_batch
+from kvkd.models import LoadedModel, key_module, decoder_layers, load_model, resolve_device, tokenizer_identity
+from kvkd.pipeline.capture import Capture, TeacherBatch, capture_batch
 from kvkd.pipeline.compress import DEFAULT_LAMBDA, gather_slots, select_slots
 from kvkd.prompts import PromptTemplate, token_span
 
@@ -66,6 +66,7 @@ class ExtractConfig:
             the rank and world size from the launcher (``RANK``/``WORLD_SIZE`` of torchrun or
             deepspeed), or one part when they are not set.
         shard_index: this part's index i in ``[0, num_shards)`` (with ``num_shards``).
+        device: ``auto`` (this rank's CUDA device if visible, else cpu), ``cpu`` or ``cuda[:N]``.
     """
 
     model: str = "smollm2"
@@ -90,6 +91,7 @@ class ExtractConfig:
     num_threads: int = 0
     num_shards: int = 0
     shard_index: int | None = None
+    device: str = "auto"
 
 
 @dataclass
@@ -273,7 +275,8 @@ def extract(
         raise ValueError(f"{cfg.data}: no examples selected (offset={cfg.offset}, limit={cfg.limit})")
     traces, fallback_ids = _traces(data.examples, cfg)
     loaded = loaded or load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-    model, tok = loaded.model, loaded.tokenizer
+    device = resolve_device(cfg.device)
+    model, tok = loaded.model.to(device), loaded.tokenizer
     info = loaded.info
     frame = key_module(decoder_layers(model)[0])[1]
     layout = CacheLayout(
@@ -314,7 +317,8 @@ def extract(
             for b in range(0, n, cfg.batch_size):
                 idx = order[b : b + cfg.batch_size]
                 batch = tokenize_teacher(tok, [data.examples[i] for i in idx], [traces[i] for i in idx], template)
-                _fill_rows(rows, [i - lo for i in idx], capture_batch(model, batch), cfg)
+                cap = capture_batch(model, TeacherBatch(*(t.to(device) for t in astuple_shallow(batch))))
+                _fill_rows(rows, [i - lo for i in idx], Capture(*(t.cpu() for t in astuple_shallow(cap))), cfg)  # compressed on CPU
                 done += len(idx)
                 tokens += batch.num_tokens
                 if on_progress:
@@ -340,6 +344,11 @@ def extract(
         part=list(part),
         problems=[asdict(p) for p in data.problems],
     )
+
+
+def astuple_shallow(obj) -> tuple:
+    """A dataclass's field values in order, without copying (``dataclasses.astuple`` deep-copies)."""
+    return tuple(getattr(obj, f.name) for f in fields(obj))
 
 
 def _empty_rows(layout: CacheLayout, n: int) -> dict[str, np.ndarray]:

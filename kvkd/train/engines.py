@@ -35,22 +35,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda if available else cpu; ``cpu``; ``cuda`` / ``cuda:N``.
-
-    Raises:
-        ValueError: unknown name, or cuda asked for without a CUDA device.
-    """
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cpu":
-        return torch.device("cpu")
-    if name.startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {name}: no CUDA device is visible; use --device cpu (or auto)")
-        return torch.device(name)
-    raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda[:N]")
-
+from kvkd.models import resolve_device
 
 def to_device(batch, device: torch.device):
     """Move every tensor of a (nested) batch to ``device``; other values are kept."""

@@ -233,7 +233,7 @@ class LatentStudent(nn.Module):
         embeds = torch.cat([self.eot.to(self.base.dtype).expand(B, 1, -1), self.embed(prompt_ids[None].expand(B, -1))], 1)
         n = embeds.shape[1]
         mask = torch.cat([mask, mask.new_ones(B, n)], 1)
-        positions = next_pos[:, None] + torch.arange(n)[None]
+        positions = next_pos[:, None] + torch.arange(n, device=q_ids.device)[None]
         out = self._run(embeds, mask, positions, cache)
         pos = positions[:, -1:]
         eos = self.tokenizer.eos_token_id
