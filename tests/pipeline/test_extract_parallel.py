@@ -103,3 +103,43 @@ def test_two_ranks_give_the_single_process_cache(rows, tmp_path, tiny_teacher, s
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     _assert_same_cache(single, out)
+
+
+def test_a_shard_written_behind_a_parts_back_fails_loudly(rows, tmp_path, tiny_teacher, monkeypatch):
+    """Where claims cannot help (another host, object stores), a part still refuses to redo a shard
+    that someone else wrote while it was running."""
+    import kvkd.pipeline.extract as ex
+    from kvkd.cache.writer import CacheWriter
+
+    out = tmp_path / "c.zarr"
+    real = ex.capture_batch
+    calls = []
+
+    def capture_and_intrude(model, batch):  # while part 0 computes shard 0, "another job" writes shard 2
+        calls.append(1)
+        if len(calls) == 1:
+            other = CacheWriter.open(str(out), *_open_args(out))
+            other.write_shard(2, _rows_of(other, 2))
+        return real(model, batch)
+
+    monkeypatch.setattr(ex, "capture_batch", capture_and_intrude)
+    with pytest.raises(CacheError, match="shard 2 of .* was written by another writer while part 0 of 2 was running"):
+        extract(_cfg(rows, out, tiny_teacher, num_shards=2, shard_index=0))
+
+
+def _open_args(out):
+    """Layout, metadata, codec and compressor of an existing cache (to open a second writer)."""
+    from kvkd.cache.codecs import Compressor, get_codec
+    from kvkd.cache.schema import CacheLayout
+    from kvkd.cache.writer import RESERVED_KEYS
+
+    attrs = zarr.open_group(str(out), mode="r").attrs.asdict()
+    meta = {k: v for k, v in attrs.items() if k not in RESERVED_KEYS}
+    return CacheLayout.from_json(attrs["layout"]), meta, get_codec(attrs["codec"]), Compressor.from_json(attrs["compressor"])
+
+
+def _rows_of(writer, shard):
+    from kvkd.pipeline.extract import _empty_rows
+
+    lo, hi = writer.layout.shard_range(shard)
+    return _empty_rows(writer.layout, hi - lo)

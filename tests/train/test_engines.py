@@ -46,6 +46,49 @@ def test_batches_every_rank_can_share_are_required():
         check_batches_split(8, 2, 4)
 
 
+def test_deepspeed_batch_settings_follow_the_global_batch(tmp_path):
+    from types import SimpleNamespace
+
+    from kvkd.train.engines import DeepSpeedEngine
+
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": "auto", "zero_optimization": {"stage": 2}}))
+    cfg = TrainConfig(deepspeed=str(path), batch_size=8, grad_clip=1.5)
+    ds = DeepSpeedEngine._config(SimpleNamespace(world_size=2), cfg)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (8, 4, 1)
+    assert ds["gradient_clipping"] == 1.5 and ds["zero_optimization"] == {"stage": 2}
+    path.write_text(json.dumps({"train_micro_batch_size_per_gpu": 2}))
+    with pytest.raises(ValueError, match="train_micro_batch_size_per_gpu = 2 contradicts --batch-size 8 on 2 ranks"):
+        DeepSpeedEngine._config(SimpleNamespace(world_size=2), cfg)
+    with pytest.raises(ValueError, match="not a multiple of the 3 ranks"):
+        DeepSpeedEngine._config(SimpleNamespace(world_size=3), cfg)
+    with pytest.raises(ValueError, match="no such file"):
+        DeepSpeedEngine._config(SimpleNamespace(world_size=1), TrainConfig(deepspeed=str(tmp_path / "nope.json")))
+
+
+def test_plain_engine_refuses_a_deepspeed_checkpoint(tmp_path):
+    from kvkd.train.engines import PlainEngine
+
+    ckpt = tmp_path / "checkpoints" / "step-0000002"
+    ckpt.mkdir(parents=True)
+    (ckpt / "state.json").write_text(json.dumps({"step": 2, "engine": "deepspeed"}))
+    engine = PlainEngine(torch.nn.Linear(2, 2), TrainConfig(), torch.device("cpu"))
+    with pytest.raises(ValueError, match="resume it with --deepspeed"):
+        engine.load(ckpt)
+
+
+def test_resolve_device():
+    from kvkd.models import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu", 0 if torch.cuda.is_available() else None)
+    with pytest.raises(ValueError, match="unknown device"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda")
+
+
 @pytest.fixture(scope="module")
 def caches(tmp_path_factory, shared_data, tiny_teacher):
     root = tmp_path_factory.mktemp("caches")
@@ -146,9 +189,15 @@ def test_zero3_two_ranks_resume_export_and_eval(deepspeed_cpu, caches, tiny_stud
 
     from transformers import AutoModelForCausalLM
 
-    from kvkd.train.export import export_run
+    from typer.testing import CliRunner
 
-    out = export_run(run, tmp_path / "export")
+    from kvkd.cli import app
+
+    out = tmp_path / "export"
+    res = CliRunner().invoke(app, ["export", "--run", str(run), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    res = CliRunner().invoke(app, ["export", "--run", str(run), "--out", str(out)])
+    assert res.exit_code == 2 and "not empty" in res.output
     lm = AutoModelForCausalLM.from_pretrained(out)  # a plain Hugging Face folder (LoRA merged)
     assert not any("lora" in name for name, _ in lm.named_parameters())
     data = caches[1]
