@@ -150,6 +150,12 @@ def _router_options(weights: Optional[str], options: Optional[List[str]]) -> Opt
     return out
 
 
+def _router_names() -> list[str]:
+    from kvkd.train.routers import ROUTERS
+
+    return ROUTERS.names()
+
+
 @app.command()
 def train(
     cache: Optional[List[str]] = typer.Option(None, help="A teacher cache (path or URL); repeat for several teachers."),
@@ -166,10 +172,13 @@ def train(
     warmup_steps: Optional[int] = typer.Option(None, help=f"Warm-up steps. {_d(TrainConfig, 'warmup_steps')}"),
     a1: Optional[float] = typer.Option(None, help=f"Weight of CODI's hidden-state loss. {_d(TrainConfig, 'a1')}"),
     a2: Optional[float] = typer.Option(None, help=f"Weight of KaVa's KV loss. {_d(TrainConfig, 'a2')}"),
+    a3: Optional[float] = typer.Option(None, help=f"Weight of the CKA loss on boundary hidden states (0 = off). {_d(TrainConfig, 'a3')}"),
     kv_loss: Optional[str] = typer.Option(None, help=f"KV loss: smooth_l1 (p=1) or mse (p=2). {_d(TrainConfig, 'kv_loss')}"),
+    kv_weighting: Optional[str] = typer.Option(None, help=f"KV loss per-slot weights: none or importance (cached answer->CoT attention). {_d(TrainConfig, 'kv_weighting')}"),
+    fusion: Optional[str] = typer.Option(None, help=f"Teacher fusion: loss (weighted per-teacher losses) or target (weighted projected targets, one loss). {_d(TrainConfig, 'fusion')}"),
     hidden_loss: Optional[str] = typer.Option(None, help=f"CODI loss: smooth_l1 or mse. {_d(TrainConfig, 'hidden_loss')}"),
     std_norm: Optional[bool] = typer.Option(None, "--std-norm/--no-std-norm", help=f"Per-layer teacher-std normalisation of the distillation losses. {_d(TrainConfig, 'std_norm')}"),
-    router: Optional[str] = typer.Option(None, help=f"Router: fixed, similarity, learnable. {_d(TrainConfig, 'router')}"),
+    router: Optional[str] = typer.Option(None, help=f"Router: {', '.join(_router_names())}. {_d(TrainConfig, 'router')}"),
     router_weights: Optional[str] = typer.Option(None, help="Fixed router weights, comma-separated, one per --cache (normalised)."),
     router_option: Optional[List[str]] = typer.Option(None, help="Router option KEY=VALUE (JSON value), e.g. temperature=0.5; repeatable."),
     layer_map: Optional[str] = typer.Option(None, help=f"Teacher layer for each student layer: proportional or last. {_d(TrainConfig, 'layer_map')}"),
@@ -195,8 +204,8 @@ def train(
 
     try:
         flags = dict(caches=cache or None, out=out, student=student, data=data, split=split, data_format=data_format, offset=offset,
-                     limit=limit, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, a1=a1, a2=a2, kv_loss=kv_loss,
-                     hidden_loss=hidden_loss, std_norm=std_norm, router=router, router_options=_router_options(router_weights, router_option),
+                     limit=limit, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, a1=a1, a2=a2, a3=a3, kv_loss=kv_loss,
+                     kv_weighting=kv_weighting, fusion=fusion, hidden_loss=hidden_loss, std_norm=std_norm, router=router, router_options=_router_options(router_weights, router_option),
                      layer_map=layer_map, use_lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, latents=latents, seed=seed,
                      num_workers=workers, save_every=save_every, num_threads=threads, device=device, deepspeed=deepspeed)
         cfg = resolve(TrainConfig, "train", config, flags)

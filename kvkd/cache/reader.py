@@ -145,6 +145,20 @@ class CacheReader:
             out = {k: v[inverse] for k, v in out.items()}
         return out
 
+    def column(self, name: str) -> np.ndarray:
+        """One per-example array for every example (e.g. ``answer_nll`` (N,) float32), without
+        reading the large ones; only for arrays stored as-is (not the codec-encoded KV/hidden).
+
+        Raises:
+            KeyError: unknown or codec-encoded array name.
+            CacheError: if an example is not written.
+        """
+        spec = self._specs.get(name)
+        if spec is None or spec.encoded:
+            raise KeyError(f"{name!r} is not a plain per-example array of this cache; choose one of {sorted(k for k, v in self._specs.items() if not v.encoded)}")
+        self._check_written(np.arange(len(self)))
+        return np.asarray(self._arrays[name][:], dtype=spec.dtype)
+
     def row(self, i: int) -> dict[str, torch.Tensor]:
         """One example as torch tensors (shapes of ``read`` without the leading axis)."""
         import torch

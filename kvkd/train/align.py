@@ -108,6 +108,14 @@ class TeacherAligner(nn.Module):
             return m
         return m.any(2, keepdim=True).expand(-1, -1, self.student.num_kv_heads, -1)
 
+    def slot_weights(self, weights: torch.Tensor) -> torch.Tensor:
+        """(B, L_t, H_t, M) per-slot weights (e.g. importances) -> (B, L_s, H_s, M); a student
+        head gets the mean over the teacher's heads when head layouts differ."""
+        w = weights.index_select(1, self.mapping)
+        if self.kv_identity:
+            return w
+        return w.mean(2, keepdim=True).expand(-1, -1, self.student.num_kv_heads, -1)
+
     def hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, L_t+1, d_t) -> (B, L_s+1, d_s); index 0 (embeddings) maps to index 0."""
         idx = torch.cat([self.mapping.new_zeros(1), self.mapping + 1])

@@ -86,6 +86,14 @@ def lr_lambda(cfg):
     return factor
 
 
+def optimised_params(trainee: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Parameters the engine's optimiser steps: all trainable ones except those of a router that
+    updates itself (``trains_itself``, e.g. a REINFORCE policy with its own optimiser)."""
+    router = getattr(trainee, "router", None)
+    skip = {id(p) for p in router.parameters()} if getattr(router, "trains_itself", False) else set()
+    return [p for p in trainee.parameters() if p.requires_grad and id(p) not in skip]
+
+
 def checkpoint_dir(run: Path, step: int) -> Path:
     return run / "checkpoints" / f"step-{step:07d}"
 
@@ -117,7 +125,7 @@ class PlainEngine:
     def __init__(self, trainee: torch.nn.Module, cfg, device: torch.device):
         self.device = device
         self.module = trainee.to(device)
-        self.params = [p for p in trainee.parameters() if p.requires_grad]
+        self.params = optimised_params(trainee)
         self.opt = torch.optim.AdamW(self.params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
         self.grad_clip = cfg.grad_clip
@@ -202,7 +210,9 @@ class DeepSpeedEngine:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         ds = self._config(cfg)
-        params = [p for p in trainee.parameters() if p.requires_grad]
+        if getattr(trainee.router, "trains_itself", False) and ds.get("zero_optimization", {}).get("stage", 0) == 3:
+            raise ValueError(f"router {cfg.router!r} updates its own parameters, which ZeRO-3 would partition; use ZeRO stage 1 or 2")
+        params = optimised_params(trainee)
         optimizer = None if "optimizer" in ds else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.engine, _, _, _ = deepspeed.initialize(
             model=trainee,

@@ -6,6 +6,10 @@
 - :func:`codi_loss`: CODI's hidden-state distillation (Shen et al., 2025): smooth-L1 (or
   MSE) between the student's and the teacher's hidden states at the token before the
   answer, each layer divided by the teacher's std of that layer.
+- :func:`linear_cka` / :func:`cka_loss`: linear CKA between student and teacher features
+  ("Rethinking Centered Kernel Alignment in Knowledge Distillation", IJCAI 2024), feature-space
+  form ``||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F)`` on centred features, in float32; a batch
+  quantity (one value per teacher, not per sample).
 
 Normalisation: errors are averaged over every valid element (layers, heads, slots, head
 dims), so the loss scale does not grow with L, H_kv, M or D; empty slots (a CoT shorter
@@ -105,3 +109,45 @@ def codi_loss(s_hidden: torch.Tensor, t_hidden: torch.Tensor, kind: str = "smoot
         std = _layer_std(t, torch.ones_like(t, dtype=torch.bool))  # (1, L+1, 1)
         s, t = s / std, t / std
     return _elementwise(s, t, kind).mean(dim=(1, 2))
+
+
+def linear_cka(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """Linear CKA of two feature sets over the same n samples, feature-space form.
+
+    ``CKA(X, Y) = ||Y_c^T X_c||_F^2 / (||X_c^T X_c||_F ||Y_c^T Y_c||_F)`` with X_c, Y_c the
+    column-centred features (Kornblith et al., 2019; the form used by "Rethinking Centered
+    Kernel Alignment in Knowledge Distillation", IJCAI 2024). Cost O(n d^2), not O(n^2).
+    Invariant to orthogonal transforms and isotropic scaling of either side; 1 for identical
+    features. Computed in float32 whatever the input dtype.
+
+    Args:
+        x: (..., n, d1) features; y: (..., n, d2) features (d1 and d2 may differ).
+    Returns:
+        (...) float32 in [0, 1]; 0 when either side has no variance (e.g. n = 1).
+    """
+    x = x.float() - x.float().mean(-2, keepdim=True)
+    y = y.float() - y.float().mean(-2, keepdim=True)
+    cross = (y.transpose(-1, -2) @ x).pow(2).sum((-2, -1))
+    nx = torch.linalg.matrix_norm(x.transpose(-1, -2) @ x)
+    ny = torch.linalg.matrix_norm(y.transpose(-1, -2) @ y)
+    return cross / (nx * ny).clamp(min=eps)
+
+
+def cka_loss(s_hidden: torch.Tensor, t_hidden: torch.Tensor) -> torch.Tensor:
+    """CKA distillation loss over the batch: ``1 - mean_l CKA(S_l, T_l)``.
+
+    Args:
+        s_hidden: (B, L+1, d_s) student boundary hidden states (index 0 = embeddings).
+        t_hidden: (B, L+1, d_t) teacher boundary hidden states for the same (mapped) layers.
+    Returns:
+        () float32. Layers 1..L count (the embedding output is left out: the two sides embed
+        different tokens). The B samples of the batch are CKA's n; B = 1 gives 1 (no signal,
+        no gradient).
+    Raises:
+        ValueError: if the batch or layer counts differ.
+    """
+    if s_hidden.shape[:2] != t_hidden.shape[:2]:
+        raise ValueError(f"student hidden {tuple(s_hidden.shape)} and teacher hidden {tuple(t_hidden.shape)} differ in batch or layers")
+    s = s_hidden[:, 1:].transpose(0, 1)  # (L, B, d_s)
+    t = t_hidden[:, 1:].transpose(0, 1)  # (L, B, d_t)
+    return 1 - linear_cka(s, t).mean()

@@ -55,6 +55,7 @@ class StudentOutput:
 
     Attributes:
         ce: () cross-entropy over the answer text tokens (mean over tokens).
+        sample_ce: (B,) the same cross-entropy per sample (mean over its tokens), nats/token.
         answer_nll: (B,) mean NLL of the gold answer tokens, nats/token.
         hidden: (B, L+1, d) hidden states at the answer boundary (CODI's distilled position).
         keys: (B, L, H_kv, M, D) pre-RoPE keys at the latent positions z_1..z_M.
@@ -63,6 +64,7 @@ class StudentOutput:
     """
 
     ce: torch.Tensor
+    sample_ce: torch.Tensor
     answer_nll: torch.Tensor
     hidden: torch.Tensor
     keys: torch.Tensor
@@ -210,6 +212,7 @@ class LatentStudent(nn.Module):
         hidden = torch.stack([h[b_idx, answer_start] for h in out.hidden_states], 1).float()  # (B, L+1, d)
         return StudentOutput(
             ce=ce,
+            sample_ce=(nll * tok_mask).sum(1) / tok_mask.sum(1).clamp(min=1),
             answer_nll=answer_nll,
             hidden=hidden,
             keys=keys.float(),

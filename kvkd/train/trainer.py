@@ -33,7 +33,7 @@ from kvkd.prompts import PromptTemplate
 from kvkd.train.align import Shape, TeacherAligner, layer_map
 from kvkd.train.engines import build_engine, check_batches_split, rank_rows, to_device
 from kvkd.train.loader import DistillDataset, collate
-from kvkd.train.losses import codi_loss, kv_loss
+from kvkd.train.losses import cka_loss, codi_loss, kv_loss
 from kvkd.train.routers import RouterInputs, build_router
 from kvkd.train.student import LatentStudent, add_latent_tokens
 
@@ -51,7 +51,12 @@ class TrainConfig:
         steps: optimiser steps; batch_size: examples per step.
         lr: peak learning rate (linear warm-up, then linear decay to 0).
         warmup_steps: warm-up steps; weight_decay: AdamW weight decay; grad_clip: max grad norm.
-        a1: weight of CODI's hidden loss; a2: weight of KaVa's KV loss (KaVa: 10 and 1).
+        a1: weight of CODI's hidden loss; a2: weight of KaVa's KV loss (KaVa: 10 and 1);
+            a3: weight of the CKA loss on hidden states (0 = off).
+        kv_weighting: ``none`` or ``importance`` (each slot's KV error weighted by the cached
+            answer->CoT attention importance of that slot, rescaled to mean 1 per sample).
+        fusion: ``loss`` (weighted sum of per-teacher losses) or ``target`` (weighted sum of
+            the projected teacher tensors, then one loss).
         kv_loss: ``smooth_l1`` or ``mse``; hidden_loss: same choices for L_CODI.
         std_norm: per-layer teacher-std normalisation of both distillation losses.
         router: router name (``fixed``, ``similarity``, ``learnable``, ...).
@@ -87,6 +92,9 @@ class TrainConfig:
     grad_clip: float = 2.0
     a1: float = 10.0
     a2: float = 1.0
+    a3: float = 0.0
+    kv_weighting: str = "none"
+    fusion: str = "loss"
     kv_loss: str = "smooth_l1"
     hidden_loss: str = "smooth_l1"
     std_norm: bool = True
@@ -123,7 +131,10 @@ class StepLog:
     answer_nll: float
     codi: list[float]
     kv: list[float]
+    cka: list[float]
     weights: list[float]
+    fused: float | None
+    router: dict
     lr: float
     step_s: float
     examples_per_s: float
@@ -231,24 +242,107 @@ class Trainee(torch.nn.Module):
         self.router.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("router.")})
 
 
+def _per_sample_grads(losses: torch.Tensor, outputs: list[torch.Tensor]) -> torch.Tensor:
+    """(B, K) per-teacher losses -> (B, K, P) gradients w.r.t. the student's outputs.
+
+    A sample's loss depends only on that sample's outputs, so the gradient of the batch sum
+    holds every sample's own gradient; one cheap backward through the loss graph per teacher.
+    """
+    B, K = losses.shape
+    per_teacher = []
+    for k in range(K):
+        gs = torch.autograd.grad(losses[:, k].sum(), outputs, retain_graph=True, allow_unused=True)
+        per_teacher.append(torch.cat([(torch.zeros_like(o) if g is None else g).reshape(B, -1) for g, o in zip(gs, outputs)], 1))
+    return torch.stack(per_teacher, 1).float()
+
+
+def _parameter_grads(losses: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
+    """(B, K) per-teacher losses -> (1, K, P) gradients of each teacher's batch loss w.r.t. the
+    trainable parameters (one backward pass through the student per teacher)."""
+    per_teacher = []
+    for k in range(losses.shape[1]):
+        gs = torch.autograd.grad(losses[:, k].mean(), params, retain_graph=True, allow_unused=True)
+        per_teacher.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(gs, params)]))
+    return torch.stack(per_teacher)[None].float()
+
+
+def _fuse(tensors: list[torch.Tensor], weights: torch.Tensor, valid: list[torch.Tensor] | None = None):
+    """Weighted target ``sum_k w_k T_k`` per sample.
+
+    Args:
+        tensors: K tensors (B, ...); weights: (B, K); valid: optional K bool masks broadcastable
+            to the tensors (empty slots): weights are renormalised over the teachers with a valid
+            entry there.
+    Returns:
+        (fused (B, ...), fused validity or None).
+    """
+    w = weights.float()
+    shape = (-1,) + (1,) * (tensors[0].dim() - 1)
+    if valid is None:
+        return sum(w[:, k].view(shape) * t.float() for k, t in enumerate(tensors)), None
+    wv = [w[:, k].view(shape[:-1]) * v.float() for k, v in enumerate(valid)]  # (B, L, H, M) each
+    denom = sum(wv)
+    fused = sum(x[..., None] * t.float() for x, t in zip(wv, tensors)) / denom.clamp(min=1e-12)[..., None]
+    return fused, denom > 0
+
+
 def distill_step(trainee: Trainee, batch: dict, cfg: TrainConfig, step: int):
-    """Forward one batch; returns (loss, StepLog fields except timing)."""
+    """Forward one batch; returns (loss, StepLog fields except timing).
+
+    Per teacher k (after its aligner maps it into the student's space): ``L_CODI_k`` and
+    ``L_KV_k`` per sample (the KV error optionally weighted by the cached slot importances),
+    ``L_CKA_k`` per batch. The router weighs them (``w``, (B, K)); fusion ``loss`` trains on
+    ``sum_k w_k (a1 L_CODI_k + a2 L_KV_k)`` and ``a3 sum_k mean_b(w_k) L_CKA_k``; fusion
+    ``target`` fuses the projected teacher tensors ``sum_k w_k P_k(T_k)`` first and computes
+    each loss once against the fused target.
+    """
     out = trainee.student(batch["q_ids"], batch["q_mask"], batch["s_ids"], batch["s_mask"], batch["answer_start"])
-    codi_terms, kv_terms, feats, nlls = [], [], [], []
+    weighted = cfg.kv_weighting == "importance"
+    hid, keys, vals, valid, slot_w = [], [], [], [], []
+    codi_terms, kv_terms, cka_terms, feats, nlls = [], [], [], [], []
     for aligner, t in zip(trainee.aligners, batch["teachers"]):
-        t_hidden = aligner.hidden(t["hidden"])  # (B, L_s+1, d_s)
-        codi_terms.append(codi_loss(out.hidden, t_hidden, cfg.hidden_loss, cfg.std_norm))
-        kv_terms.append(
-            kv_loss(out.keys, out.values, aligner.keys(t["keys"]), aligner.values(t["values"]), aligner.slot_mask(t["slot_valid"]), cfg.kv_loss, cfg.std_norm)
-        )
-        feats.append(t_hidden[:, -1].detach())
+        hid.append(aligner.hidden(t["hidden"]))  # (B, L_s+1, d_s)
+        keys.append(aligner.keys(t["keys"]))  # (B, L_s, H_s, M, D_s)
+        vals.append(aligner.values(t["values"]))
+        valid.append(aligner.slot_mask(t["slot_valid"]))  # (B, L_s, H_s, M)
+        slot_w.append(aligner.slot_weights(t["slot_importance"]) if weighted else None)
+        codi_terms.append(codi_loss(out.hidden, hid[-1], cfg.hidden_loss, cfg.std_norm))
+        kv_terms.append(kv_loss(out.keys, out.values, keys[-1], vals[-1], valid[-1], cfg.kv_loss, cfg.std_norm, slot_weights=slot_w[-1]))
+        cka_terms.append(cka_loss(out.hidden, hid[-1]) if cfg.a3 else out.ce.new_zeros(()))
+        feats.append(hid[-1][:, -1].detach())
         nlls.append(t["answer_nll"])
     codi = torch.stack(codi_terms, 1)  # (B, K)
     kv = torch.stack(kv_terms, 1)  # (B, K)
-    distill = cfg.a1 * codi + cfg.a2 * kv
-    weights = trainee.router(RouterInputs(out.features, torch.stack(feats, 1), distill, torch.stack(nlls, 1).float(), step))
-    loss = out.ce + (weights * distill).sum(1).mean()
-    aux = trainee.router.aux_loss(weights)
+    cka = torch.stack(cka_terms)  # (K,)
+    distill = cfg.a1 * codi + cfg.a2 * kv  # (B, K)
+
+    router = trainee.router
+    grads = None
+    if router.needs_grads == "activation":
+        outputs = {"kv": [out.keys, out.values], "hidden": [out.hidden], "both": [out.keys, out.values, out.hidden]}[router.grad_space]
+        grads = _per_sample_grads(distill, outputs)
+    elif router.needs_grads == "parameter":
+        grads = _parameter_grads(distill, [p for p in trainee.student.parameters() if p.requires_grad])
+    inputs = RouterInputs(out.features, torch.stack(feats, 1), distill, torch.stack(nlls, 1).float(), step, out.sample_ce.detach(), grads)
+    weights = router(inputs)  # (B, K)
+
+    fused = None
+    if cfg.fusion == "target":
+        f_hidden, _ = _fuse(hid, weights)
+        f_keys, f_valid = _fuse(keys, weights, valid)
+        f_vals, _ = _fuse(vals, weights, valid)
+        f_slot_w = _fuse([w.unsqueeze(-1) for w in slot_w], weights, valid)[0].squeeze(-1) if weighted else None
+        fused_distill = cfg.a1 * codi_loss(out.hidden, f_hidden, cfg.hidden_loss, cfg.std_norm) + cfg.a2 * kv_loss(
+            out.keys, out.values, f_keys, f_vals, f_valid, cfg.kv_loss, cfg.std_norm, slot_weights=f_slot_w
+        )  # (B,)
+        distill_term = fused_distill.mean()
+        cka_term = cfg.a3 * cka_loss(out.hidden, f_hidden) if cfg.a3 else 0.0
+        fused = float(fused_distill.detach().mean())
+    else:
+        distill_term = (weights * distill).sum(1).mean()
+        cka_term = cfg.a3 * (weights.mean(0) * cka).sum() if cfg.a3 else 0.0
+    loss = out.ce + distill_term + cka_term
+    aux = router.aux_loss(weights, inputs)
     if aux is not None:
         loss = loss + aux
     logs = {
@@ -257,7 +351,10 @@ def distill_step(trainee: Trainee, batch: dict, cfg: TrainConfig, step: int):
         "answer_nll": float(out.answer_nll.detach().mean()),
         "codi": codi.detach().mean(0).tolist(),
         "kv": kv.detach().mean(0).tolist(),
+        "cka": cka.detach().tolist(),
         "weights": weights.detach().mean(0).tolist(),
+        "fused": fused,
+        "router": dict(router.stats),
     }
     return loss, logs
 
@@ -284,6 +381,27 @@ def build_trainee(cfg: TrainConfig, metas: list[dict]) -> Trainee:
     return Trainee(student, aligners, router)
 
 
+FUSIONS = ("loss", "target")
+KV_WEIGHTINGS = ("none", "importance")
+
+
+def check_options(cfg: TrainConfig) -> None:
+    """Refuse bad option values before anything heavy runs.
+
+    Raises:
+        ValueError: names the option, the bad value and the choices.
+    """
+    if cfg.fusion not in FUSIONS:
+        raise ValueError(f"--fusion {cfg.fusion!r}: choose one of {FUSIONS}")
+    if cfg.kv_weighting not in KV_WEIGHTINGS:
+        raise ValueError(f"--kv-weighting {cfg.kv_weighting!r}: choose one of {KV_WEIGHTINGS}")
+    for name in ("a1", "a2", "a3"):
+        if getattr(cfg, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.steps < 1 or cfg.batch_size < 1:
+        raise ValueError(f"--steps and --batch-size must be >= 1, got {cfg.steps} and {cfg.batch_size}")
+
+
 def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) -> TrainSummary:
     """Train a latent student against teacher caches; resumes from the newest checkpoint.
 
@@ -299,6 +417,7 @@ def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) ->
     """
     if not cfg.out:
         raise ValueError("no run folder given: pass --out RUN_DIR")
+    check_options(cfg)
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -308,6 +427,8 @@ def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) ->
     examples = load_training_examples(cfg, metas[0])
     trainee = build_trainee(cfg, metas)  # same seed on every rank: identical initial weights
     tok = trainee.student.tokenizer
+    if trainee.router.needs_dataset_nll:  # e.g. difficulty bins: cached NLL of every training row
+        trainee.router.prepare(torch.stack([torch.from_numpy(r.column("answer_nll")) for r in readers], 1))
     engine = build_engine(trainee, cfg)
     check_batches_split(len(examples), cfg.batch_size, engine.world_size)
     lead = engine.rank == 0
@@ -385,13 +506,19 @@ def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) ->
 
 
 def _global_logs(engine, logs: dict, rows: int) -> dict:
-    """Step logs as means over the global batch (each rank's values weighted by its rows)."""
+    """Step logs as means over the global batch: every float and list of floats is averaged over
+    the ranks, each weighted by its rows; other entries (router stats) are rank 0's."""
     if engine.world_size == 1:
         return logs
-    K = len(logs["codi"])
-    flat = torch.tensor([logs["loss"], logs["ce"], logs["answer_nll"], *logs["codi"], *logs["kv"], *logs["weights"]])
+    keys = [k for k, v in logs.items() if isinstance(v, float) or (isinstance(v, list) and all(isinstance(x, float) for x in v))]
+    sizes = [len(logs[k]) if isinstance(logs[k], list) else 1 for k in keys]
+    flat = torch.tensor([x for k in keys for x in (logs[k] if isinstance(logs[k], list) else [logs[k]])], dtype=torch.float64)
     mean = engine.all_mean(flat, float(rows)).tolist()
-    return {"loss": mean[0], "ce": mean[1], "answer_nll": mean[2], "codi": mean[3 : 3 + K], "kv": mean[3 + K : 3 + 2 * K], "weights": mean[3 + 2 * K :]}
+    out, i = dict(logs), 0
+    for k, n in zip(keys, sizes):
+        out[k] = mean[i : i + n] if isinstance(logs[k], list) else mean[i]
+        i += n
+    return out
 
 
 def load_run(run_dir: str | Path):

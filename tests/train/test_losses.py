@@ -68,3 +68,53 @@ def test_codi_loss_hand_computed():
     expected = torch.nn.functional.smooth_l1_loss(s / std, t / std, reduction="none").mean(dim=(1, 2))
     assert torch.allclose(codi_loss(s, t, "smooth_l1", True), expected)
     assert torch.allclose(codi_loss(s, t, "mse", False), torch.tensor([1.0, 5.0]))
+
+
+# ---------------------------------------------------------------------------- CKA
+from kvkd.train.losses import cka_loss, linear_cka  # noqa: E402
+
+
+def _hsic_cka(x, y):
+    """Reference: CKA from the HSIC of linear Gram matrices (Kornblith et al., 2019)."""
+    n = x.shape[0]
+    h = torch.eye(n, dtype=torch.float64) - 1.0 / n
+    k, l_ = x.double() @ x.double().T, y.double() @ y.double().T
+    hsic = lambda a, b: torch.trace(a @ h @ b @ h) / (n - 1) ** 2  # noqa: E731
+    return hsic(k, l_) / torch.sqrt(hsic(k, k) * hsic(l_, l_))
+
+
+def test_cka_is_one_for_identical_features():
+    x = torch.randn(16, 5, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(linear_cka(x, x), torch.tensor(1.0), atol=1e-6)
+
+
+def test_cka_invariant_to_orthogonal_maps_and_isotropic_scaling():
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(20, 6, generator=g), torch.randn(20, 9, generator=g)
+    q1, _ = torch.linalg.qr(torch.randn(6, 6, generator=g))
+    q2, _ = torch.linalg.qr(torch.randn(9, 9, generator=g))
+    base = linear_cka(x, y)
+    assert torch.allclose(linear_cka(x @ q1, y), base, atol=1e-5)
+    assert torch.allclose(linear_cka(x, y @ q2), base, atol=1e-5)
+    assert torch.allclose(linear_cka(3.5 * x, 0.2 * y), base, atol=1e-5)
+    assert torch.allclose(linear_cka(x + 4.0, y), base, atol=1e-5)  # centring removes shifts
+
+
+def test_cka_equals_hsic_form_on_random_inputs():
+    g = torch.Generator().manual_seed(2)
+    for n, d1, d2 in [(8, 3, 5), (30, 12, 4), (5, 40, 40)]:
+        x, y = torch.randn(n, d1, generator=g), torch.randn(n, d2, generator=g)
+        assert torch.allclose(linear_cka(x, y).double(), _hsic_cka(x, y), atol=1e-5)
+
+
+def test_cka_loss_over_layers_skips_embeddings_and_batches():
+    g = torch.Generator().manual_seed(3)
+    s = torch.randn(6, 3, 8, generator=g, requires_grad=True)  # (B, L+1, d_s)
+    t = torch.randn(6, 3, 5, generator=g)  # (B, L+1, d_t): dims differ
+    loss = cka_loss(s, t)
+    expected = 1 - (linear_cka(s[:, 1], t[:, 1]) + linear_cka(s[:, 2], t[:, 2])) / 2
+    assert torch.allclose(loss, expected, atol=1e-6)
+    loss.backward()
+    assert s.grad[:, 1:].abs().sum() > 0 and s.grad[:, 0].abs().sum() == 0
+    assert torch.allclose(cka_loss(t, t), torch.tensor(0.0), atol=1e-6)
+    assert torch.allclose(cka_loss(s[:1], t[:1]), torch.tensor(1.0))  # one sample: no signal

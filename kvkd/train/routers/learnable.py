@@ -38,7 +38,7 @@ class LearnableRouter(Router):
         logits = self.mlp(self.norm(inputs.student_features.float()))  # (B, K)
         return torch.softmax(logits, dim=-1)
 
-    def aux_loss(self, weights: torch.Tensor) -> torch.Tensor | None:
+    def aux_loss(self, weights: torch.Tensor, inputs: RouterInputs) -> torch.Tensor | None:
         if self.entropy_weight == 0:
             return None
         entropy = -(weights * weights.clamp(min=1e-12).log()).sum(-1).mean()

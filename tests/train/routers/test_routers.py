@@ -8,13 +8,15 @@ import torch
 from kvkd.train.routers import ROUTERS, RouterInputs, build_router
 
 
-def _inputs(B=3, K=2, d=4, seed=0):
+def _inputs(B=3, K=2, d=4, seed=0, P=6):
     g = torch.Generator().manual_seed(seed)
     return RouterInputs(
         student_features=torch.randn(B, d, generator=g),
         teacher_features=torch.randn(B, K, d, generator=g),
         losses=torch.rand(B, K, generator=g),
         teacher_nll=torch.rand(B, K, generator=g),
+        student_ce=torch.rand(B, generator=g),
+        grads=torch.randn(B, K, P, generator=g),
     )
 
 
@@ -62,7 +64,7 @@ def test_learnable_starts_uniform_and_learns_toward_lower_loss():
 def test_learnable_entropy_bonus_value():
     router = build_router("learnable", 2, 4, {"entropy_weight": 0.1})
     w = torch.tensor([[0.5, 0.5]])
-    assert torch.allclose(router.aux_loss(w), torch.tensor(-0.1 * math.log(2)))
+    assert torch.allclose(router.aux_loss(w, _inputs(B=1)), torch.tensor(-0.1 * math.log(2)))
 
 
 @pytest.mark.parametrize("name", ROUTERS.names())
@@ -71,10 +73,16 @@ def test_router_contract(name, tmp_path):
 
     K = 3
     router = build_router(name, K, 4)
-    w = router(_inputs(B=5, K=K))
-    assert w.shape == (5, K)
-    assert torch.all(w >= 0)
-    assert torch.allclose(w.sum(1), torch.ones(5), atol=1e-6)
+    if router.needs_dataset_nll:
+        router.prepare(torch.rand(20, K, generator=torch.Generator().manual_seed(1)))
+    for step in (0, 30):  # before and after any warm-up
+        inp = _inputs(B=5, K=K)
+        inp.step = step
+        w = router(inp)
+        assert w.shape == (5, K)
+        assert torch.isfinite(w).all() and torch.all(w >= 0)
+        assert torch.allclose(w.sum(1), torch.ones(5), atol=1e-6)
+    router.eval()  # no self-updates (EMA, policy) while comparing
     # state round-trips through a safetensors checkpoint
     with torch.no_grad():
         for p in router.parameters():
@@ -82,7 +90,7 @@ def test_router_contract(name, tmp_path):
     state = {k: v.contiguous() for k, v in router.state_dict().items()}
     if state:
         save_file(state, str(tmp_path / "r.safetensors"))
-        other = build_router(name, K, 4)
+        other = build_router(name, K, 4).eval()
         other.load_state_dict(load_file(str(tmp_path / "r.safetensors")))
         assert torch.allclose(other(_inputs(B=5, K=K)), router(_inputs(B=5, K=K)))
 
