@@ -210,8 +210,11 @@ class DeepSpeedEngine:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         ds = self._config(cfg)
-        if getattr(trainee.router, "trains_itself", False) and ds.get("zero_optimization", {}).get("stage", 0) == 3:
-            raise ValueError(f"router {cfg.router!r} updates its own parameters, which ZeRO-3 would partition; use ZeRO stage 1 or 2")
+        if getattr(trainee.router, "trains_itself", False) and (self.world_size > 1 or ds.get("zero_optimization", {}).get("stage", 0) == 3):
+            raise ValueError(
+                f"router {cfg.router!r} updates its own parameters with its own optimiser: on several ranks each would train "
+                "its own copy (and ZeRO-3 partitions them); train it in one process, or pick another router"
+            )
         params = optimised_params(trainee)
         optimizer = None if "optimizer" in ds else torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.engine, _, _, _ = deepspeed.initialize(
