@@ -7,6 +7,10 @@ from their caches. The run folder holds ``config.json`` (resolved options), ``lo
 (one line per step: every loss term per teacher, router weights, lr, timing),
 ``checkpoints/step-N/`` (safetensors weights + optimiser state + ``state.json``) and
 ``summary.json``. A run resumes from its newest checkpoint.
+
+The optimiser step, device placement and checkpoint files belong to an engine
+(``kvkd.train.engines``): one process, or DeepSpeed ZeRO over ranks (``--deepspeed``), where
+each rank reads its rows of every global batch and rank 0 alone writes the run folder.
 """
 
 from __future__ import annotations
