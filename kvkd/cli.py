@@ -18,10 +18,11 @@ from kvkd.config import ConfigError, default_of, resolve
 from kvkd.demo import DemoConfig
 from kvkd.eval.evaluate import EvalConfig
 from kvkd.pipeline.extract import ExtractConfig
+from kvkd.sweep import SweepConfig
 from kvkd.train.trainer import TrainConfig
 
-app = typer.Typer(help="kvkd: multi-teacher KV-cache distillation of LLM reasoning (KaVa/CODI).", no_args_is_help=True, add_completion=False)
-cache_app = typer.Typer(help="Inspect and verify teacher caches.", no_args_is_help=True)
+app = typer.Typer(help="kvkd: multi-teacher KV-cache distillation of LLM reasoning (KaVa/CODI).", no_args_is_help=True, add_completion=False, rich_markup_mode=None)
+cache_app = typer.Typer(help="Inspect and verify teacher caches.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(cache_app, name="cache")
 console = Console()
 
@@ -365,6 +366,65 @@ def demo(
     console.print(f"training: {result.train['steps']} steps, {result.train['mean_step_s']:.2f} s/step, mean router weights {[round(w, 3) for w in result.train['mean_weights']]}")
     console.print(result.table)
     console.print(f"report: {result.report_dir}  (results.md, results.json, training.png)   wall time {result.wall_s:.0f} s")
+
+
+# ----------------------------------------------------------------------------- sweep / report
+@app.command()
+def sweep(
+    cache: Optional[List[str]] = typer.Option(None, help="A teacher cache; repeat for several teachers (the first is the single-teacher rows' teacher)."),
+    grid: Optional[str] = typer.Option(None, help=f"Built-in grid (plan) or a YAML/JSON file of rows. {_d(SweepConfig, 'grid')}"),
+    out: Optional[str] = typer.Option(None, help=f"Output folder (cells, results.md/.csv, loss.png, weights.png); resumed if present. {_d(SweepConfig, 'out')}"),
+    rows: Optional[str] = typer.Option(None, help="Comma-separated row names to run [default: all rows]."),
+    seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds; every row runs once per seed [default: 0,1]."),
+    student: Optional[str] = typer.Option(None, help=f"Student spec. {_d(SweepConfig, 'student')}"),
+    steps: Optional[int] = typer.Option(None, help=f"Optimiser steps per run. {_d(SweepConfig, 'steps')}"),
+    batch_size: Optional[int] = typer.Option(None, help=f"Examples per step. {_d(SweepConfig, 'batch_size')}"),
+    lr: Optional[float] = typer.Option(None, help=f"Peak learning rate. {_d(SweepConfig, 'lr')}"),
+    warmup_steps: Optional[int] = typer.Option(None, help=f"Warm-up steps. {_d(SweepConfig, 'warmup_steps')}"),
+    train_option: Optional[List[str]] = typer.Option(None, help="Training option shared by every row, KEY=VALUE (JSON value), e.g. lora_r=8; repeatable."),
+    eval_set: Optional[List[str]] = typer.Option(None, "--eval", help="Evaluation set PATH or NAME=PATH (file, or folder read with --eval-split); repeatable."),
+    eval_split: Optional[str] = typer.Option(None, help=f"Split of folder eval sets. {_d(SweepConfig, 'eval_split')}"),
+    eval_limit: Optional[int] = typer.Option(None, help=f"Rows per eval set. {_d(SweepConfig, 'eval_limit')}"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads per cell (0 = default) [default: 0]."),
+    config: Optional[str] = typer.Option(None, help=CONFIG_HELP),
+):
+    """Run an experiment grid (rows x seeds, same data/steps/seeds), evaluate each run, write a comparison table and plots."""
+    from kvkd.sweep import run_sweep
+
+    def _list(text, cast=str):
+        return [cast(x.strip()) for x in text.split(",") if x.strip()] if text else None
+
+    try:
+        flags = dict(caches=cache or None, grid=grid, out=out, rows=_list(rows), seeds=_list(seeds, int), student=student, steps=steps,
+                     batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, train=_router_options(None, train_option),
+                     evals=eval_set or None, eval_split=eval_split, eval_limit=eval_limit, num_threads=threads)
+        cfg = resolve(SweepConfig, "sweep", config, flags)
+        if not cfg.evals:
+            raise ConfigError("no evaluation set: pass --eval PATH (e.g. --eval ../shared/data/gsm8k)")
+
+        def on_cell(row, seed, status):
+            console.print(f"[bold cyan]>>[/] {row} seed {seed}: {status}")
+
+        result = run_sweep(cfg, on_cell=on_cell)
+    except (ValueError, KeyError, TypeError, ConfigError, FileNotFoundError, RuntimeError) as err:
+        _fail(err)
+    console.print(result["table"])
+    console.print(f"table: {cfg.out}/results.md, {result['csv']}; plots: {result['loss_png']}, {result['weights_png']}")
+
+
+@app.command()
+def report(
+    run: str = typer.Argument(..., help="A `kvkd train` run folder."),
+    out: Optional[str] = typer.Option(None, help="PNG path [default: RUN/training.png]."),
+):
+    """Plot one run: losses (total, CE, per-teacher CODI/KV/CKA) and router weights per teacher over steps."""
+    from kvkd.eval.report import plot_run
+
+    try:
+        path = plot_run(run, out or os.path.join(run, "training.png"))
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        _fail(err)
+    console.print(f"plot: {path}")
 
 
 def main() -> None:  # pragma: no cover
