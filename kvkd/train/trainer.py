@@ -323,7 +323,7 @@ def distill_step(trainee: Trainee, batch: dict, cfg: TrainConfig, step: int):
     router = trainee.router
     grads = None
     if router.needs_grads and not distill.requires_grad:  # a1 = a2 = 0: no distillation gradient to look at
-        grads = torch.zeros(distill.shape[0] if router.needs_grads == "activation" else 1, distill.shape[1], 1)
+        grads = distill.new_zeros(distill.shape[0] if router.needs_grads == "activation" else 1, distill.shape[1], 1)
     elif router.needs_grads == "activation":
         outputs = {"kv": [out.keys, out.values], "hidden": [out.hidden], "both": [out.keys, out.values, out.hidden]}[router.grad_space]
         grads = _per_sample_grads(distill, outputs)
