@@ -19,10 +19,11 @@ from kvkd.config import ConfigError, default_of, resolve
 from kvkd.demo import DemoConfig
 from kvkd.eval.evaluate import EvalConfig
 from kvkd.pipeline.extract import ExtractConfig
+from kvkd.sweep import SweepConfig
 from kvkd.train.trainer import TrainConfig
 
-app = typer.Typer(help="kvkd: multi-teacher KV-cache distillation of LLM reasoning (KaVa/CODI).", no_args_is_help=True, add_completion=False)
-cache_app = typer.Typer(help="Inspect and verify teacher caches.", no_args_is_help=True)
+app = typer.Typer(help="kvkd: multi-teacher KV-cache distillation of LLM reasoning (KaVa/CODI).", no_args_is_help=True, add_completion=False, rich_markup_mode=None)
+cache_app = typer.Typer(help="Inspect and verify teacher caches.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(cache_app, name="cache")
 console = Console()
 
@@ -31,6 +32,11 @@ CONFIG_HELP = "YAML/TOML/JSON file of options (flat, or a section per command); 
 
 def _d(cls, name):
     return f"[default: {default_of(cls, name)}]"
+
+
+def _rank() -> int:
+    """This process's global rank under torchrun/deepspeed (RANK), 0 otherwise."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def _fail(err: Exception) -> None:
@@ -98,18 +104,25 @@ def extract(
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an existing cache at --out instead of resuming it."),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Let the checkpoint run its own Python code (off by default)."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (0 = torch's default) [default: 0]."),
+    num_shards: Optional[int] = typer.Option(None, help="Parallel jobs writing this cache: job i takes the cache shards s with s % N == i (0 = RANK/WORLD_SIZE of torchrun/deepspeed, or one job) [default: 0]."),
+    shard_index: Optional[int] = typer.Option(None, help="This job's index in [0, --num-shards)."),
+    device: Optional[str] = typer.Option(None, help=f"auto (this rank's CUDA device if visible, else cpu), cpu or cuda[:N]. {_d(ExtractConfig, 'device')}"),
     dry_run: bool = typer.Option(False, "--dry-run", help="Read only the teacher's config and tokenizer and the data; print shapes, tokens and the cache size; write nothing."),
     student: Optional[str] = typer.Option(None, help="With --dry-run: also show the layer map and projections against this student (config only)."),
     layer_map: Optional[str] = typer.Option(None, help="With --dry-run and --student: proportional, last, or teacher layers per student layer (0,2,4,5) [default: proportional]."),
     config: Optional[str] = typer.Option(None, help=CONFIG_HELP),
 ):
-    """Run one teacher over a data set and write its compressed KV cache (resumable)."""
+    """Run one teacher over a data set and write its compressed KV cache (resumable).
+
+    Several jobs (`--num-shards N --shard-index i`) or ranks (`torchrun --nproc_per_node N -m kvkd.cli extract ...`)
+    may write one cache at once; the last to finish marks it complete.
+    """
     from kvkd.pipeline.extract import extract as run_extract
 
     flags = dict(model=model, data=data, out=out, split=split, data_format=data_format, offset=offset, limit=limit, trace=trace,
                  drop_last_step=drop_last_step, trace_fallback=trace_fallback, slots=slots, lam=lam, batch_size=batch_size, dtype=dtype, codec=codec,
                  compressor=compressor, examples_per_shard=examples_per_shard, overwrite=overwrite,
-                 trust_remote_code=trust_remote_code, num_threads=threads)
+                 trust_remote_code=trust_remote_code, num_threads=threads, num_shards=num_shards, shard_index=shard_index, device=device)
     if dry_run:
         _extract_plan(flags, config, student, layer_map)
         return
@@ -256,9 +269,16 @@ def train(
     workers: Optional[int] = typer.Option(None, help=f"DataLoader worker processes reading the caches. {_d(TrainConfig, 'num_workers')}"),
     save_every: Optional[int] = typer.Option(None, help=f"Steps between checkpoints (0 = at the end only). {_d(TrainConfig, 'save_every')}"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (0 = torch's default) [default: 0]."),
+    device: Optional[str] = typer.Option(None, help=f"auto, cpu or cuda[:N] (without --deepspeed). {_d(TrainConfig, 'device')}"),
+    deepspeed: Optional[str] = typer.Option(None, help="DeepSpeed JSON config (ZeRO 1/2/3, offload, bf16; e.g. kvkd/configs/ds_zero2.json); launch with `deepspeed` or `torchrun`."),
+    local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True, help="Set by the deepspeed launcher; the rank is read from LOCAL_RANK."),
     config: Optional[str] = typer.Option(None, help=CONFIG_HELP),
 ):
-    """Train a latent (CODI/KaVa) student against teacher caches with a router; no teacher is loaded."""
+    """Train a latent (CODI/KaVa) student against teacher caches with a router; no teacher is loaded.
+
+    With --deepspeed, run one process per rank: `torchrun --nproc_per_node N -m kvkd.cli train --deepspeed ds.json ...`
+    or `deepspeed --module kvkd.cli train --deepspeed ds.json ...`; rank 0 prints and writes the run folder.
+    """
     from kvkd.train.trainer import train as run_train
 
     try:
@@ -267,8 +287,11 @@ def train(
                      kv_weighting=kv_weighting, fusion=fusion, hidden_loss=hidden_loss, std_norm=std_norm, router=router, router_options=_router_options(router_weights, router_option),
                      layer_map=_layer_map_option(layer_map), require_same_tokenizer=require_same_tokenizer,
                      align_fit_rows=align_fit_rows, use_lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, latents=latents, seed=seed,
-                     num_workers=workers, save_every=save_every, num_threads=threads)
+                     num_workers=workers, save_every=save_every, num_threads=threads, device=device, deepspeed=deepspeed)
         cfg = resolve(TrainConfig, "train", config, flags)
+        if _rank() != 0:  # other ranks train silently; rank 0 shows progress and the summary
+            run_train(cfg)
+            return
         with _progress("steps") as prog:
             task = prog.add_task("train", total=cfg.steps, rate="")
 
@@ -286,7 +309,7 @@ def train(
 # ----------------------------------------------------------------------------- eval
 @app.command("eval")
 def eval_cmd(
-    run: Optional[str] = typer.Option(None, help="A `kvkd train` run folder (latent mode)."),
+    run: Optional[str] = typer.Option(None, help="A `kvkd train` run folder or a `kvkd export` folder (latent mode)."),
     model: Optional[str] = typer.Option(None, help="A plain model (smollm2, .gguf, folder, hub id) for the nocot/cot baselines or --untrained."),
     mode: Optional[str] = typer.Option(None, help=f"latent, nocot or cot. {_d(EvalConfig, 'mode')}"),
     untrained: Optional[bool] = typer.Option(None, "--untrained", help="Latent mode with a fresh, untrained latent student built from --model."),
@@ -301,6 +324,7 @@ def eval_cmd(
     answer_check: Optional[str] = typer.Option(None, help=f"numeric (GSM8K-style) or math (math-verify, MATH500). {_d(EvalConfig, 'answer_check')}"),
     out: Optional[str] = typer.Option(None, help="Per-example predictions JSONL [default: RUN/predictions.jsonl or ./predictions.jsonl]."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (0 = default) [default: 0]."),
+    device: Optional[str] = typer.Option(None, help=f"auto (CUDA if visible, else cpu), cpu or cuda[:N]. {_d(EvalConfig, 'device')}"),
     config: Optional[str] = typer.Option(None, help=CONFIG_HELP),
 ):
     """Evaluate a trained run (latent decoding) or a plain model; accuracy with 95% CI and gold-answer NLL."""
@@ -309,7 +333,7 @@ def eval_cmd(
 
     flags = dict(run=run, model=model, mode=mode, untrained=untrained, latents=latents, data=data, split=split, data_format=data_format,
                  offset=offset, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, answer_check=answer_check, out=out,
-                 num_threads=threads)
+                 num_threads=threads, device=device)
     try:
         cfg = resolve(EvalConfig, "eval", config, flags)
         if not cfg.data:
@@ -321,6 +345,24 @@ def eval_cmd(
         _fail(err)
     console.print(results_table([result]))
     console.print(f"predictions: {result.predictions}")
+
+
+# ----------------------------------------------------------------------------- export
+@app.command()
+def export(
+    run: str = typer.Option(..., help="A `kvkd train` run folder (plain or DeepSpeed); its newest checkpoint is exported."),
+    out: str = typer.Option(..., help="Folder to write: a Hugging Face model (LoRA merged) + tokenizer + latent head."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into an existing non-empty folder."),
+):
+    """Export a trained student as a normal Hugging Face folder (transformers loads it) plus its latent head
+    (CODI projection, <bot>/<eot> vectors, M) that `kvkd eval --run FOLDER` uses; aligners and router are left out."""
+    from kvkd.train.export import export_run
+
+    try:
+        path = export_run(run, out, overwrite=overwrite)
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+        _fail(err)
+    console.print(f"exported {run} -> {path}")
 
 
 # ----------------------------------------------------------------------------- cache
@@ -409,6 +451,65 @@ def demo(
     console.print(f"training: {result.train['steps']} steps, {result.train['mean_step_s']:.2f} s/step, mean router weights {[round(w, 3) for w in result.train['mean_weights']]}")
     console.print(result.table)
     console.print(f"report: {result.report_dir}  (results.md, results.json, training.png)   wall time {result.wall_s:.0f} s")
+
+
+# ----------------------------------------------------------------------------- sweep / report
+@app.command()
+def sweep(
+    cache: Optional[List[str]] = typer.Option(None, help="A teacher cache; repeat for several teachers (the first is the single-teacher rows' teacher)."),
+    grid: Optional[str] = typer.Option(None, help=f"Built-in grid (plan) or a YAML/JSON file of rows. {_d(SweepConfig, 'grid')}"),
+    out: Optional[str] = typer.Option(None, help=f"Output folder (cells, results.md/.csv, loss.png, weights.png); resumed if present. {_d(SweepConfig, 'out')}"),
+    rows: Optional[str] = typer.Option(None, help="Comma-separated row names to run [default: all rows]."),
+    seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds; every row runs once per seed [default: 0,1]."),
+    student: Optional[str] = typer.Option(None, help=f"Student spec. {_d(SweepConfig, 'student')}"),
+    steps: Optional[int] = typer.Option(None, help=f"Optimiser steps per run. {_d(SweepConfig, 'steps')}"),
+    batch_size: Optional[int] = typer.Option(None, help=f"Examples per step. {_d(SweepConfig, 'batch_size')}"),
+    lr: Optional[float] = typer.Option(None, help=f"Peak learning rate. {_d(SweepConfig, 'lr')}"),
+    warmup_steps: Optional[int] = typer.Option(None, help=f"Warm-up steps. {_d(SweepConfig, 'warmup_steps')}"),
+    train_option: Optional[List[str]] = typer.Option(None, help="Training option shared by every row, KEY=VALUE (JSON value), e.g. lora_r=8; repeatable."),
+    eval_set: Optional[List[str]] = typer.Option(None, "--eval", help="Evaluation set PATH or NAME=PATH (file, or folder read with --eval-split); repeatable."),
+    eval_split: Optional[str] = typer.Option(None, help=f"Split of folder eval sets. {_d(SweepConfig, 'eval_split')}"),
+    eval_limit: Optional[int] = typer.Option(None, help=f"Rows per eval set. {_d(SweepConfig, 'eval_limit')}"),
+    threads: Optional[int] = typer.Option(None, help="torch CPU threads per cell (0 = default) [default: 0]."),
+    config: Optional[str] = typer.Option(None, help=CONFIG_HELP),
+):
+    """Run an experiment grid (rows x seeds, same data/steps/seeds), evaluate each run, write a comparison table and plots."""
+    from kvkd.sweep import run_sweep
+
+    def _list(text, cast=str):
+        return [cast(x.strip()) for x in text.split(",") if x.strip()] if text else None
+
+    try:
+        flags = dict(caches=cache or None, grid=grid, out=out, rows=_list(rows), seeds=_list(seeds, int), student=student, steps=steps,
+                     batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, train=_router_options(None, train_option),
+                     evals=eval_set or None, eval_split=eval_split, eval_limit=eval_limit, num_threads=threads)
+        cfg = resolve(SweepConfig, "sweep", config, flags)
+        if not cfg.evals:
+            raise ConfigError("no evaluation set: pass --eval PATH (e.g. --eval ../shared/data/gsm8k)")
+
+        def on_cell(row, seed, status):
+            console.print(f"[bold cyan]>>[/] {row} seed {seed}: {status}")
+
+        result = run_sweep(cfg, on_cell=on_cell)
+    except (ValueError, KeyError, TypeError, ConfigError, FileNotFoundError, RuntimeError) as err:
+        _fail(err)
+    console.print(result["table"])
+    console.print(f"table: {cfg.out}/results.md, {result['csv']}; plots: {result['loss_png']}, {result['weights_png']}")
+
+
+@app.command()
+def report(
+    run: str = typer.Argument(..., help="A `kvkd train` run folder."),
+    out: Optional[str] = typer.Option(None, help="PNG path [default: RUN/training.png]."),
+):
+    """Plot one run: losses (total, CE, per-teacher CODI/KV/CKA) and router weights per teacher over steps."""
+    from kvkd.eval.report import plot_run
+
+    try:
+        path = plot_run(run, out or os.path.join(run, "training.png"))
+    except (ValueError, KeyError, FileNotFoundError) as err:
+        _fail(err)
+    console.print(f"plot: {path}")
 
 
 def main() -> None:  # pragma: no cover

@@ -300,6 +300,26 @@ def load_config(spec: str, revision: str | None = None, trust_remote_code: bool 
     return LoadedModel(model=None, tokenizer=tokenizer, info=info)
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> this process's CUDA device if one is visible (``cuda:$LOCAL_RANK`` under
+    torchrun/deepspeed), else cpu; ``cpu``; ``cuda`` / ``cuda:N``.
+
+    Raises:
+        ValueError: unknown name, or cuda asked for without a CUDA device.
+    """
+    if name == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA device is visible; use --device cpu (or auto)")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if name == "cuda" else torch.device(name)
+    raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda[:N]")
+
+
 def decoder_layers(model) -> list:
     """The decoder blocks of a causal LM (plain or peft-wrapped), in order.
 

@@ -34,13 +34,19 @@ def read_log(run_dir: str | Path) -> list[dict]:
 
 
 def plot_run(run_dir: str | Path, out_png: str | Path) -> Path:
-    """Plot a run's losses (total, CE, per-teacher CODI and KV) and router weights per teacher."""
+    """Plot a run's losses (total, CE, per-teacher CODI, KV and CKA) and router weights per teacher.
+
+    Raises:
+        FileNotFoundError: the run has no log; ValueError: the log is empty.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     log = read_log(run_dir)
+    if not log:
+        raise ValueError(f"{run_dir}/log.jsonl has no steps yet")
     steps = [e["step"] for e in log]
     K = len(log[0]["weights"]) if log else 0
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -50,8 +56,11 @@ def plot_run(run_dir: str | Path, out_png: str | Path) -> Path:
     for k in range(K):
         axes[1].plot(steps, [e["codi"][k] for e in log], label=f"CODI t{k}")
         axes[1].plot(steps, [e["kv"][k] for e in log], "--", label=f"KV t{k}")
+        if any(e.get("cka") and e["cka"][k] for e in log):
+            axes[1].plot(steps, [e["cka"][k] for e in log], ":", label=f"CKA t{k}")
         axes[2].plot(steps, [e["weights"][k] for e in log], label=f"teacher {k}")
     axes[1].set_title("distillation terms per teacher")
+    axes[1].set_yscale("log")
     axes[2].set_title("router weight (batch mean)")
     axes[2].set_ylim(0, 1)
     for ax in axes:

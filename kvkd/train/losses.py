@@ -73,7 +73,7 @@ def kv_loss(
         raise ValueError(f"student KV {tuple(s_keys.shape)} and teacher KV {tuple(t_keys.shape)} differ in shape")
     m = valid[..., None].float()  # (B, L, H, M, 1)
     if slot_weights is not None:
-        w = slot_weights.float() * valid
+        w = torch.where(valid, slot_weights.float(), torch.zeros((), device=valid.device))  # empty slots may hold anything
         w = w / (w.sum(dim=(1, 2, 3), keepdim=True) / valid.sum(dim=(1, 2, 3), keepdim=True).clamp(min=1)).clamp(min=1e-12)
         m = w[..., None]
     total = 0.0

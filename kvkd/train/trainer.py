@@ -7,22 +7,26 @@ from their caches. The run folder holds ``config.json`` (resolved options), ``lo
 (one line per step: every loss term per teacher, router weights, lr, timing),
 ``checkpoints/step-N/`` (safetensors weights + optimiser state + ``state.json``) and
 ``summary.json``. A run resumes from its newest checkpoint.
+
+The optimiser step, device placement and checkpoint files belong to an engine
+(``kvkd.train.engines``): one process, or DeepSpeed ZeRO over ranks (``--deepspeed``), where
+each rank reads its rows of every global batch and rank 0 alone writes the run folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from kvkd.cache.compat import check_compatible, check_same_tokenizer, get_field
@@ -32,6 +36,7 @@ from kvkd.data import dataset_fingerprint, load_examples
 from kvkd.models import load_model, tokenizer_identity
 from kvkd.prompts import PromptTemplate
 from kvkd.train.align import Shape, TeacherAligner, layer_map, layer_maps_per_teacher
+from kvkd.train.engines import build_engine, check_batches_split, rank_rows, to_device
 from kvkd.train.loader import DistillDataset, collate
 from kvkd.train.losses import cka_loss, codi_loss, kv_loss
 from kvkd.train.routers import RouterInputs, build_router
@@ -78,6 +83,10 @@ class TrainConfig:
         log_every: steps between console progress callbacks; save_every: steps between
             checkpoints (0 = only at the end); keep_checkpoints: newest checkpoints kept.
         num_threads: torch CPU threads (0 = default); trust_remote_code: off unless asked.
+        device: ``auto`` (CUDA if visible), ``cpu`` or ``cuda[:N]`` (plain engine; DeepSpeed
+            puts each rank on its accelerator).
+        deepspeed: DeepSpeed JSON config path (ZeRO 1/2/3, offload, bf16); empty = one process
+            without DeepSpeed. See ``kvkd.train.engines``.
     """
 
     caches: list[str] = field(default_factory=list)
@@ -122,6 +131,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     num_threads: int = 0
     trust_remote_code: bool = False
+    device: str = "auto"
+    deepspeed: str = ""
 
 
 @dataclass
@@ -241,6 +252,10 @@ class Trainee(torch.nn.Module):
         self.aligners = torch.nn.ModuleList(aligners)
         self.router = router
 
+    def forward(self, batch: dict, cfg: "TrainConfig", step: int):
+        """:func:`distill_step` on this trainee (so an engine wrapping the whole trainee runs it)."""
+        return distill_step(self, batch, cfg, step)
+
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         """Trainable parameters + router buffers, by name (what a checkpoint stores)."""
         state = {f"student.{k}": v for k, v in self.student.trainable_state().items()}
@@ -336,7 +351,9 @@ def distill_step(trainee: Trainee, batch: dict, cfg: TrainConfig, step: int):
 
     router = trainee.router
     grads = None
-    if router.needs_grads == "activation":
+    if router.needs_grads and not distill.requires_grad:  # a1 = a2 = 0: no distillation gradient to look at
+        grads = distill.new_zeros(distill.shape[0] if router.needs_grads == "activation" else 1, distill.shape[1], 1)
+    elif router.needs_grads == "activation":
         outputs = {"kv": [out.keys, out.values], "hidden": [out.hidden], "both": [out.keys, out.values, out.hidden]}[router.grad_space]
         grads = _per_sample_grads(distill, outputs)
     elif router.needs_grads == "parameter":
@@ -377,24 +394,9 @@ def distill_step(trainee: Trainee, batch: dict, cfg: TrainConfig, step: int):
     return loss, logs
 
 
-def _save_checkpoint(run: Path, step: int, trainee: Trainee, opt, keep: int) -> Path:
-    final = run / "checkpoints" / f"step-{step:07d}"
-    tmp = run / "checkpoints" / f".tmp-step-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(trainee.checkpoint_state(), str(tmp / "trainable.safetensors"))
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")  # read back with weights_only=True
-    (tmp / "state.json").write_text(json.dumps({"step": step}))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)  # a checkpoint folder exists only once complete
-    for old in sorted((run / "checkpoints").glob("step-*"))[: -max(keep, 1)]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
 def latest_checkpoint(run: Path) -> Path | None:
-    """Newest complete checkpoint folder of a run, or None."""
-    found = sorted((run / "checkpoints").glob("step-*")) if (run / "checkpoints").is_dir() else []
+    """Newest complete checkpoint folder of a run (``state.json`` is written last), or None."""
+    found = sorted(p for p in (run / "checkpoints").glob("step-*") if (p / "state.json").is_file()) if (run / "checkpoints").is_dir() else []
     return found[-1] if found else None
 
 
@@ -459,9 +461,15 @@ def check_options(cfg: TrainConfig) -> None:
 def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) -> TrainSummary:
     """Train a latent student against teacher caches; resumes from the newest checkpoint.
 
+    With ``cfg.deepspeed`` every rank runs this function (launched by ``deepspeed`` or
+    ``torchrun``): each reads only its rows of every global batch; rank 0 alone writes the
+    config, the log, the summary and calls ``on_step`` (logged values are means over the
+    global batch).
+
     Raises:
         kvkd.cache.errors.CacheMismatchError: caches disagree with each other or the data.
-        ValueError: bad options (no caches, no run folder, latents != M).
+        ValueError: bad options (no caches, no run folder, latents != M, batch not splittable
+            over the ranks, a checkpoint of the other engine).
     """
     if not cfg.out:
         raise ValueError("no run folder given: pass --out RUN_DIR")
@@ -471,76 +479,73 @@ def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) ->
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.manual_seed(cfg.seed)
     run = Path(cfg.out)
-    run.mkdir(parents=True, exist_ok=True)
     readers, metas = open_teachers(cfg)
     examples = load_training_examples(cfg, metas[0])
-    trainee = build_trainee(cfg, metas)
+    trainee = build_trainee(cfg, metas)  # same seed on every rank: identical initial weights
     tok = trainee.student.tokenizer
-    resolved = asdict(cfg)
-    resolved["teachers"] = trainee.teachers  # shapes, layer maps, projections, tokenizer shared or not
-    resolved["student_shape"] = {"num_layers": trainee.student.num_layers, "num_kv_heads": trainee.student.num_kv_heads, "head_dim": trainee.student.head_dim, "hidden_size": trainee.student.hidden_size}
-    resolved["student_tokenizer"] = {k: trainee.student.tokenizer_identity.get(k) for k in ("source", "vocab_size", "hash")}
-    resolved["latents"] = trainee.student.num_latents
-    resolved["layer_maps"] = [a.mapping.tolist() for a in trainee.aligners]
-    (run / "config.json").write_text(json.dumps(resolved, indent=2))
-
     if trainee.router.needs_dataset_nll:  # e.g. difficulty bins: cached NLL of every training row
         trainee.router.prepare(torch.stack([torch.from_numpy(r.column("answer_nll")) for r in readers], 1))
-    skip = {id(p) for p in trainee.router.parameters()} if trainee.router.trains_itself else set()
-    params = [p for p in trainee.parameters() if p.requires_grad and id(p) not in skip]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / max(1, cfg.warmup_steps), max(0.0, (cfg.steps - s) / max(1, cfg.steps - cfg.warmup_steps)))
-    )
+    engine = build_engine(trainee, cfg)
+    check_batches_split(len(examples), cfg.batch_size, engine.world_size)
+    lead = engine.rank == 0
+    if lead:
+        run.mkdir(parents=True, exist_ok=True)
+        resolved = asdict(cfg)
+        resolved["teachers"] = trainee.teachers  # shapes, layer maps, projections, tokenizer shared or not
+        resolved["student_shape"] = {"num_layers": trainee.student.num_layers, "num_kv_heads": trainee.student.num_kv_heads, "head_dim": trainee.student.head_dim, "hidden_size": trainee.student.hidden_size}
+        resolved["student_tokenizer"] = {k: trainee.student.tokenizer_identity.get(k) for k in ("source", "vocab_size", "hash")}
+        resolved["latents"] = trainee.student.num_latents
+        resolved["layer_maps"] = [a.mapping.tolist() for a in trainee.aligners]
+        resolved["engine"] = asdict(engine.info)
+        (run / "config.json").write_text(json.dumps(resolved, indent=2))
+    engine.barrier()
+
     start = 0
     ckpt = latest_checkpoint(run)
     if ckpt is not None:
-        trainee.load_checkpoint_state(load_file(str(ckpt / "trainable.safetensors")))
-        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-        start = json.loads((ckpt / "state.json").read_text())["step"]
-        for _ in range(start):
-            sched.step()
+        start = engine.load(ckpt)
     dataset = DistillDataset(examples, tok, cfg.caches)
+    global_batches = list(_batches(len(dataset), cfg.batch_size, cfg.seed, start, cfg.steps))
+    shares = [rank_rows(rows, engine.rank, engine.world_size) for rows in global_batches]  # this rank's rows
     loader = DataLoader(
         dataset,
-        batch_sampler=list(_batches(len(dataset), cfg.batch_size, cfg.seed, start, cfg.steps)),
+        batch_sampler=[rows for rows, _ in shares],
         collate_fn=functools.partial(collate, pad_id=tok.pad_token_id),  # picklable for spawn/forkserver workers
         num_workers=cfg.num_workers,
         prefetch_factor=cfg.prefetch_factor if cfg.num_workers > 0 else None,
         persistent_workers=False,
     )
-    trainee.train()
+    engine.module.train()
     t0 = time.perf_counter()
     last = time.perf_counter()
     step_times, logs = [], None
     log_path = run / "log.jsonl"
-    if log_path.exists():  # keep the steps the checkpoint covers; later ones are redone
+    if lead and log_path.exists():  # keep the steps the checkpoint covers; later ones are redone
         kept = [line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start]
         log_path.write_text("".join(line + "\n" for line in kept))
     weight_sums = torch.zeros(len(cfg.caches))
-    with open(log_path, "a") as log:
-        for step, batch in zip(range(start, cfg.steps), loader):
+    with open(log_path, "a") if lead else contextlib.nullcontext() as log:
+        for step, batch, (_, scale) in zip(range(start, cfg.steps), loader, shares):
             torch.manual_seed(cfg.seed * 100003 + step)  # dropout etc. reproducible on resume
-            loss, logs = distill_step(trainee, batch, cfg, step)
-            lr = sched.get_last_lr()[0]  # the rate this step uses
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            sched.step()
+            with engine.autocast():
+                loss, logs = engine(to_device(batch, engine.device), cfg, step)
+            lr = engine.lr()  # the rate this step uses
+            engine.backward_step(loss * scale)
+            logs = _global_logs(engine, logs, len(batch["index"]))
             now = time.perf_counter()
-            entry = StepLog(step=step + 1, lr=lr, step_s=now - last, examples_per_s=len(batch["index"]) / (now - last), **logs)
+            entry = StepLog(step=step + 1, lr=lr, step_s=now - last, examples_per_s=len(global_batches[step - start]) / (now - last), **logs)
             last = now
             step_times.append(entry.step_s)
             weight_sums += torch.tensor(entry.weights)
-            log.write(json.dumps(asdict(entry)) + "\n")
-            log.flush()
-            if on_step and (entry.step % cfg.log_every == 0 or entry.step == cfg.steps):
-                on_step(entry)
+            if lead:
+                log.write(json.dumps(asdict(entry)) + "\n")
+                log.flush()
+                if on_step and (entry.step % cfg.log_every == 0 or entry.step == cfg.steps):
+                    on_step(entry)
             if cfg.save_every and entry.step % cfg.save_every == 0 and entry.step < cfg.steps:
-                _save_checkpoint(run, entry.step, trainee, opt, cfg.keep_checkpoints)
+                engine.save(run, entry.step, cfg.keep_checkpoints)
     if cfg.steps > start:
-        _save_checkpoint(run, cfg.steps, trainee, opt, cfg.keep_checkpoints)
+        engine.save(run, cfg.steps, cfg.keep_checkpoints)
     summary = TrainSummary(
         run_dir=str(run),
         steps=cfg.steps,
@@ -552,8 +557,26 @@ def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) ->
         teachers=list(cfg.caches),
         mean_weights=(weight_sums / max(1, len(step_times))).tolist(),
     )
-    (run / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
+    if lead:
+        (run / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
+    engine.barrier()
     return summary
+
+
+def _global_logs(engine, logs: dict, rows: int) -> dict:
+    """Step logs as means over the global batch: every float and list of floats is averaged over
+    the ranks, each weighted by its rows; other entries (router stats) are rank 0's."""
+    if engine.world_size == 1:
+        return logs
+    keys = [k for k, v in logs.items() if isinstance(v, float) or (isinstance(v, list) and all(isinstance(x, float) for x in v))]
+    sizes = [len(logs[k]) if isinstance(logs[k], list) else 1 for k in keys]
+    flat = torch.tensor([x for k in keys for x in (logs[k] if isinstance(logs[k], list) else [logs[k]])], dtype=torch.float64)
+    mean = engine.all_mean(flat, float(rows)).tolist()
+    out, i = dict(logs), 0
+    for k, n in zip(keys, sizes):
+        out[k] = mean[i : i + n] if isinstance(logs[k], list) else mean[i]
+        i += n
+    return out
 
 
 def load_run(run_dir: str | Path):

@@ -161,3 +161,26 @@ def test_corrupted_teacher_gets_less_weight(caches, tmp_path, tiny_student):
     # AE-KD, faithfully: its min-norm point *balances* a conflicting teacher instead of dropping
     # it (a sign-flipped teacher cancels the one it mirrors), so it does not down-weight it.
     assert mean_w["ae-kd"][2] > 0.3, mean_w["ae-kd"]
+
+
+def test_per_sample_activation_gradients_hand_computed():
+    from kvkd.train.trainer import _parameter_grads, _per_sample_grads
+
+    o1 = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)  # (B=2, 2)
+    o2 = torch.tensor([[[0.5]], [[-1.0]]], requires_grad=True)  # (B=2, 1, 1)
+    t = torch.tensor([[0.0, 1.0], [2.0, 2.0]])  # per-teacher targets for o1
+    # teacher k's per-sample loss: sum((o1 - t_k)^2) + k * o2
+    losses = torch.stack([((o1 - t[k]) ** 2).sum(1) + k * o2.reshape(2) for k in range(2)], 1)  # (B, K)
+    g = _per_sample_grads(losses, [o1, o2])  # (B, K, 3)
+    expected = torch.tensor([
+        [[2.0, 2.0, 0.0], [-2.0, 0.0, 1.0]],
+        [[6.0, 6.0, 0.0], [2.0, 4.0, 1.0]],
+    ])
+    assert torch.allclose(g, expected)
+    # parameter space: gradient of each teacher's batch-mean loss
+    w = torch.tensor([1.0, -1.0], requires_grad=True)
+    x = torch.tensor([[1.0, 2.0], [3.0, 0.0]])
+    losses = torch.stack([(x @ w) ** 2, 2 * (x @ w)], 1)  # (B, K)
+    gp = _parameter_grads(losses, [w])  # (1, K, 2)
+    # d/dw mean_b (x_b.w)^2 = mean_b 2 (x_b.w) x_b = ((-1)*2*[1,2] + 3*2*[3,0]) / 2 = [8, -2]
+    assert torch.allclose(gp, torch.tensor([[[8.0, -2.0], [4.0, 2.0]]]))
