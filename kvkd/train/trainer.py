@@ -343,7 +343,7 @@ def distill_step(trainee: Trainee, batch: dict, cfg: TrainConfig, step: int):
         kv_terms.append(kv_loss(out.keys, out.values, keys[-1], vals[-1], valid[-1], cfg.kv_loss, cfg.std_norm, slot_weights=slot_w[-1]))
         cka_terms.append(cka_loss(out.hidden, hid[-1]) if cfg.a3 else out.ce.new_zeros(()))
         feats.append(hid[-1][:, -1].detach())
-        nlls.append(t["answer_nll"])
+        nlls.append(t["answer_nll"].float() * t["answer_len"].float())  # nats of the whole answer: comparable across tokenizers
     codi = torch.stack(codi_terms, 1)  # (B, K)
     kv = torch.stack(kv_terms, 1)  # (B, K)
     cka = torch.stack(cka_terms)  # (K,)
@@ -484,7 +484,7 @@ def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) ->
     trainee = build_trainee(cfg, metas)  # same seed on every rank: identical initial weights
     tok = trainee.student.tokenizer
     if trainee.router.needs_dataset_nll:  # e.g. difficulty bins: cached NLL of every training row
-        trainee.router.prepare(torch.stack([torch.from_numpy(r.column("answer_nll")) for r in readers], 1))
+        trainee.router.prepare(torch.stack([torch.from_numpy(r.column("answer_nll") * r.column("answer_len")) for r in readers], 1))
     engine = build_engine(trainee, cfg)
     check_batches_split(len(examples), cfg.batch_size, engine.world_size)
     lead = engine.rank == 0
