@@ -39,7 +39,7 @@ class OnlineTeachers:
     def batch(self, index: torch.Tensor) -> list[dict[str, torch.Tensor]]:
         """Teacher tensors for rows ``index`` (B,): K dicts shaped like ``collate``'s ``teachers``:
         keys/values (B, L, H_kv, M, D), hidden (B, L+1, d), slot_valid (B, L, H_kv, M) bool,
-        slot_importance (B, L, H_kv, M), answer_nll (B,), all float32 except the mask."""
+        slot_importance (B, L, H_kv, M), answer_nll (B,) float32, answer_len (B,) int32."""
         rows = index.tolist()
         out = []
         for loaded in self.loaded:
@@ -53,5 +53,6 @@ class OnlineTeachers:
                 "slot_valid": sel.valid,
                 "slot_importance": sel.importance,
                 "answer_nll": cap.answer_nll,
+                "answer_len": cap.answer_len.to(torch.int32),
             })
         return out

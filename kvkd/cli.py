@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict
+from pathlib import Path
 from typing import List, Optional
 
 import typer
@@ -31,6 +32,11 @@ CONFIG_HELP = "YAML/TOML/JSON file of options (flat, or a section per command); 
 
 def _d(cls, name):
     return f"[default: {default_of(cls, name)}]"
+
+
+def _rank() -> int:
+    """This process's global rank under torchrun/deepspeed (RANK), 0 otherwise."""
+    return int(os.environ.get("RANK", "0"))
 
 
 def _fail(err: Exception) -> None:
@@ -64,6 +70,8 @@ def _codec_names(codecs) -> str:
 
 def _print_summary(title: str, data: dict) -> None:
     table = Table(title=title, show_header=False)
+    table.add_column()
+    table.add_column(overflow="fold")
     for k, v in data.items():
         if isinstance(v, float):
             v = f"{v:,.3f}"
@@ -96,15 +104,28 @@ def extract(
     overwrite: Optional[bool] = typer.Option(None, "--overwrite", help="Replace an existing cache at --out instead of resuming it."),
     trust_remote_code: Optional[bool] = typer.Option(None, "--trust-remote-code", help="Let the checkpoint run its own Python code (off by default)."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (0 = torch's default) [default: 0]."),
+    num_shards: Optional[int] = typer.Option(None, help="Parallel jobs writing this cache: job i takes the cache shards s with s % N == i (0 = RANK/WORLD_SIZE of torchrun/deepspeed, or one job) [default: 0]."),
+    shard_index: Optional[int] = typer.Option(None, help="This job's index in [0, --num-shards)."),
+    device: Optional[str] = typer.Option(None, help=f"auto (this rank's CUDA device if visible, else cpu), cpu or cuda[:N]. {_d(ExtractConfig, 'device')}"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Read only the teacher's config and tokenizer and the data; print shapes, tokens and the cache size; write nothing."),
+    student: Optional[str] = typer.Option(None, help="With --dry-run: also show the layer map and projections against this student (config only)."),
+    layer_map: Optional[str] = typer.Option(None, help="With --dry-run and --student: proportional, last, or teacher layers per student layer (0,2,4,5) [default: proportional]."),
     config: Optional[str] = typer.Option(None, help=CONFIG_HELP),
 ):
-    """Run one teacher over a data set and write its compressed KV cache (resumable)."""
+    """Run one teacher over a data set and write its compressed KV cache (resumable).
+
+    Several jobs (`--num-shards N --shard-index i`) or ranks (`torchrun --nproc_per_node N -m kvkd.cli extract ...`)
+    may write one cache at once; the last to finish marks it complete.
+    """
     from kvkd.pipeline.extract import extract as run_extract
 
     flags = dict(model=model, data=data, out=out, split=split, data_format=data_format, offset=offset, limit=limit, trace=trace,
                  drop_last_step=drop_last_step, trace_fallback=trace_fallback, slots=slots, lam=lam, batch_size=batch_size, dtype=dtype, codec=codec,
                  compressor=compressor, examples_per_shard=examples_per_shard, overwrite=overwrite,
-                 trust_remote_code=trust_remote_code, num_threads=threads)
+                 trust_remote_code=trust_remote_code, num_threads=threads, num_shards=num_shards, shard_index=shard_index, device=device)
+    if dry_run:
+        _extract_plan(flags, config, student, layer_map)
+        return
     try:
         cfg = resolve(ExtractConfig, "extract", config, flags)
         with _progress("examples") as prog:
@@ -119,6 +140,63 @@ def extract(
     for p in summary.problems:
         console.print(f"[yellow]skipped row {p['row']}: {p['reason']}[/]")
     _print_summary("extraction", asdict(summary))
+
+
+def _extract_plan(flags: dict, config: Optional[str], student: Optional[str], layer_map: Optional[str]) -> None:
+    """``kvkd extract --dry-run``: print the plan of an extraction."""
+    from kvkd.models import ModelLoadError
+    from kvkd.plan import plan_extraction
+    from kvkd.train.align import parse_layer_map
+
+    try:
+        cfg = resolve(ExtractConfig, "extract", config, flags)
+        plan = plan_extraction(cfg, student=student, layer_map_spec=parse_layer_map(layer_map) if layer_map else "proportional")
+    except (ValueError, ConfigError, FileNotFoundError, ModelLoadError) as err:
+        _fail(err)
+    info = plan.teacher_info
+    _print_summary(f"extraction plan: {plan.teacher} (nothing run, nothing written)", {
+        "teacher": f"{info.get('architecture')} ({info.get('model_type')})",
+        "layers / heads / KV heads / head dim / hidden": f"{info['num_layers']} / {info['num_heads']} / {info['num_kv_heads']} / {info['head_dim']} / {info['hidden_size']}",
+        "tokenizer": f"{plan.tokenizer['source']}  vocab {plan.tokenizer['vocab_size']}  hash {plan.tokenizer['hash'][:12]}",
+        "rows": plan.rows,
+        "teacher tokens (total / longest row)": f"{plan.teacher_tokens:,} / {plan.max_tokens:,}",
+        "slots M / codec": f"{plan.slots} / {plan.codec}",
+        "bytes per example (uncompressed)": f"{plan.bytes_per_example:,}",
+        "total cache size (uncompressed)": f"{plan.total_bytes:,} bytes ({plan.total_bytes / 2**20:,.1f} MiB)",
+        "shards (examples per shard)": f"{plan.num_shards} ({plan.examples_per_shard})",
+        "rows reading the fallback trace": len(plan.trace_fallback_rows),
+    })
+    table = Table("array", "per-example shape", "stored dtype")
+    for name, (shape, dtype) in plan.arrays.items():
+        table.add_row(name, str(tuple(shape)), dtype)
+    console.print(table)
+    if plan.student:
+        s = plan.student
+        sh = s["shape"]
+        _print_summary(f"against student {s['spec']}", {
+            "student layers / KV heads / head dim / hidden": f"{sh['num_layers']} / {sh['num_kv_heads']} / {sh['head_dim']} / {sh['hidden_size']}",
+            "layer map (teacher layer per student layer)": s["layer_map"],
+            "KV projection": s["kv_projection"],
+            "hidden projection": s["hidden_projection"],
+            "same tokenizer as the student": "yes" if s["tokenizer_shared"] else "no (fine in latent mode)",
+        })
+
+
+def _print_teachers(run_dir: str) -> None:
+    """Per-teacher table of a run: shape, layer map, projections, tokenizer shared with the student."""
+    path = os.path.join(run_dir, "config.json")
+    if not os.path.isfile(path):
+        return
+    teachers = json.loads(Path(path).read_text()).get("teachers", [])
+    table = Table(title="teachers")
+    for name in ("teacher cache", "L/H_kv/D/d", "layer map", "KV / hidden", "tokenizer vs the student's"):
+        table.add_column(name, overflow="fold")
+    for t in teachers:
+        sh, al = t.get("shape", {}), t.get("alignment", {})
+        shared = "shared" if t.get("tokenizer_shared_with_student") else "differs: " + "; ".join(t.get("tokenizer_differences", [])[:2])
+        table.add_row(str(t.get("cache")), f"{sh.get('num_layers')}/{sh.get('num_kv_heads')}/{sh.get('head_dim')}/{sh.get('hidden_size')}",
+                      str(al.get("layer_map")), f"{al.get('kv', '?').split(' ')[0]} / {al.get('hidden', '?').split(' ')[0]}", shared)
+    console.print(table)
 
 
 # ----------------------------------------------------------------------------- train
@@ -137,6 +215,16 @@ def _router_options(weights: Optional[str], options: Optional[List[str]]) -> Opt
         except json.JSONDecodeError:
             out[key] = value
     return out
+
+
+def _layer_map_option(values: Optional[List[str]]):
+    """``--layer-map`` given once (all teachers) or once per teacher -> TrainConfig.layer_map."""
+    from kvkd.train.align import parse_layer_map
+
+    if not values:
+        return None
+    parsed = [parse_layer_map(v) for v in values]
+    return parsed[0] if len(parsed) == 1 else parsed
 
 
 def _router_names() -> list[str]:
@@ -170,7 +258,9 @@ def train(
     router: Optional[str] = typer.Option(None, help=f"Router: {', '.join(_router_names())}. {_d(TrainConfig, 'router')}"),
     router_weights: Optional[str] = typer.Option(None, help="Fixed router weights, comma-separated, one per --cache (normalised)."),
     router_option: Optional[List[str]] = typer.Option(None, help="Router option KEY=VALUE (JSON value), e.g. temperature=0.5; repeatable."),
-    layer_map: Optional[str] = typer.Option(None, help=f"Teacher layer for each student layer: proportional or last. {_d(TrainConfig, 'layer_map')}"),
+    layer_map: Optional[List[str]] = typer.Option(None, help=f"Teacher layer for each student layer: proportional, last, or a list like 0,2,4,5; give it once for all teachers or once per --cache, in order. {_d(TrainConfig, 'layer_map')}"),
+    require_same_tokenizer: Optional[bool] = typer.Option(None, "--require-same-tokenizer/--allow-other-tokenizers", help="Refuse teachers whose tokenizer differs from the student's (latent distillation does not need it) [default: allow]."),
+    align_fit_rows: Optional[int] = typer.Option(None, help=f"Cached rows per teacher used to fit the fixed bases of shrinking projections. {_d(TrainConfig, 'align_fit_rows')}"),
     lora: Optional[bool] = typer.Option(None, "--lora/--no-lora", help="Train LoRA adapters (peft) instead of all weights [default: lora]."),
     lora_r: Optional[int] = typer.Option(None, help=f"LoRA rank. {_d(TrainConfig, 'lora_r')}"),
     lora_alpha: Optional[int] = typer.Option(None, help=f"LoRA alpha. {_d(TrainConfig, 'lora_alpha')}"),
@@ -179,18 +269,29 @@ def train(
     workers: Optional[int] = typer.Option(None, help=f"DataLoader worker processes reading the caches. {_d(TrainConfig, 'num_workers')}"),
     save_every: Optional[int] = typer.Option(None, help=f"Steps between checkpoints (0 = at the end only). {_d(TrainConfig, 'save_every')}"),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (0 = torch's default) [default: 0]."),
+    device: Optional[str] = typer.Option(None, help=f"auto, cpu or cuda[:N] (without --deepspeed). {_d(TrainConfig, 'device')}"),
+    deepspeed: Optional[str] = typer.Option(None, help="DeepSpeed JSON config (ZeRO 1/2/3, offload, bf16; e.g. kvkd/configs/ds_zero2.json); launch with `deepspeed` or `torchrun`."),
+    local_rank: Optional[int] = typer.Option(None, "--local_rank", "--local-rank", hidden=True, help="Set by the deepspeed launcher; the rank is read from LOCAL_RANK."),
     config: Optional[str] = typer.Option(None, help=CONFIG_HELP),
 ):
-    """Train a latent (CODI/KaVa) student against teacher caches with a router; no teacher is loaded."""
+    """Train a latent (CODI/KaVa) student against teacher caches with a router; no teacher is loaded.
+
+    With --deepspeed, run one process per rank: `torchrun --nproc_per_node N -m kvkd.cli train --deepspeed ds.json ...`
+    or `deepspeed --module kvkd.cli train --deepspeed ds.json ...`; rank 0 prints and writes the run folder.
+    """
     from kvkd.train.trainer import train as run_train
 
     try:
         flags = dict(caches=cache or None, out=out, student=student, data=data, split=split, data_format=data_format, offset=offset,
                      limit=limit, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, a1=a1, a2=a2, a3=a3, kv_loss=kv_loss,
                      kv_weighting=kv_weighting, fusion=fusion, hidden_loss=hidden_loss, std_norm=std_norm, router=router, router_options=_router_options(router_weights, router_option),
-                     layer_map=layer_map, use_lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, latents=latents, seed=seed,
-                     num_workers=workers, save_every=save_every, num_threads=threads)
+                     layer_map=_layer_map_option(layer_map), require_same_tokenizer=require_same_tokenizer,
+                     align_fit_rows=align_fit_rows, use_lora=lora, lora_r=lora_r, lora_alpha=lora_alpha, latents=latents, seed=seed,
+                     num_workers=workers, save_every=save_every, num_threads=threads, device=device, deepspeed=deepspeed)
         cfg = resolve(TrainConfig, "train", config, flags)
+        if _rank() != 0:  # other ranks train silently; rank 0 shows progress and the summary
+            run_train(cfg)
+            return
         with _progress("steps") as prog:
             task = prog.add_task("train", total=cfg.steps, rate="")
 
@@ -201,13 +302,14 @@ def train(
             summary = run_train(cfg, on_step=on_step)
     except (ValueError, KeyError, TypeError, ConfigError, FileNotFoundError, RuntimeError) as err:
         _fail(err)
+    _print_teachers(summary.run_dir)
     _print_summary("training", asdict(summary))
 
 
 # ----------------------------------------------------------------------------- eval
 @app.command("eval")
 def eval_cmd(
-    run: Optional[str] = typer.Option(None, help="A `kvkd train` run folder (latent mode)."),
+    run: Optional[str] = typer.Option(None, help="A `kvkd train` run folder or a `kvkd export` folder (latent mode)."),
     model: Optional[str] = typer.Option(None, help="A plain model (smollm2, .gguf, folder, hub id) for the nocot/cot baselines or --untrained."),
     mode: Optional[str] = typer.Option(None, help=f"latent, nocot or cot. {_d(EvalConfig, 'mode')}"),
     untrained: Optional[bool] = typer.Option(None, "--untrained", help="Latent mode with a fresh, untrained latent student built from --model."),
@@ -222,6 +324,7 @@ def eval_cmd(
     answer_check: Optional[str] = typer.Option(None, help=f"numeric (GSM8K-style) or math (math-verify, MATH500). {_d(EvalConfig, 'answer_check')}"),
     out: Optional[str] = typer.Option(None, help="Per-example predictions JSONL [default: RUN/predictions.jsonl or ./predictions.jsonl]."),
     threads: Optional[int] = typer.Option(None, help="torch CPU threads (0 = default) [default: 0]."),
+    device: Optional[str] = typer.Option(None, help=f"auto (CUDA if visible, else cpu), cpu or cuda[:N]. {_d(EvalConfig, 'device')}"),
     config: Optional[str] = typer.Option(None, help=CONFIG_HELP),
 ):
     """Evaluate a trained run (latent decoding) or a plain model; accuracy with 95% CI and gold-answer NLL."""
@@ -230,7 +333,7 @@ def eval_cmd(
 
     flags = dict(run=run, model=model, mode=mode, untrained=untrained, latents=latents, data=data, split=split, data_format=data_format,
                  offset=offset, limit=limit, batch_size=batch_size, max_new_tokens=max_new_tokens, answer_check=answer_check, out=out,
-                 num_threads=threads)
+                 num_threads=threads, device=device)
     try:
         cfg = resolve(EvalConfig, "eval", config, flags)
         if not cfg.data:
@@ -242,6 +345,24 @@ def eval_cmd(
         _fail(err)
     console.print(results_table([result]))
     console.print(f"predictions: {result.predictions}")
+
+
+# ----------------------------------------------------------------------------- export
+@app.command()
+def export(
+    run: str = typer.Option(..., help="A `kvkd train` run folder (plain or DeepSpeed); its newest checkpoint is exported."),
+    out: str = typer.Option(..., help="Folder to write: a Hugging Face model (LoRA merged) + tokenizer + latent head."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Write into an existing non-empty folder."),
+):
+    """Export a trained student as a normal Hugging Face folder (transformers loads it) plus its latent head
+    (CODI projection, <bot>/<eot> vectors, M) that `kvkd eval --run FOLDER` uses; aligners and router are left out."""
+    from kvkd.train.export import export_run
+
+    try:
+        path = export_run(run, out, overwrite=overwrite)
+    except (ValueError, KeyError, FileNotFoundError, FileExistsError, RuntimeError) as err:
+        _fail(err)
+    console.print(f"exported {run} -> {path}")
 
 
 # ----------------------------------------------------------------------------- cache
@@ -258,7 +379,12 @@ def cache_info(path: str = typer.Argument(..., help="Cache path or URL."), as_js
         console.print_json(json.dumps(info, default=str))
         return
     meta = info.get("metadata", {})
-    _print_summary(f"cache {path}", {k: v for k, v in meta.items()})
+    tok = meta.get("tokenizer", {})
+    _print_summary(f"cache {path}", {
+        "tokenizer vocab_size": f"{tok.get('vocab_size')} (len(tokenizer): every id it emits, added tokens included; not the embedding size)",
+        "tokenizer hash": f"{tok.get('hash')} (vocabulary, merges, special tokens, pre-tokenisation)",
+        **meta,
+    })
     table = Table("array", "shape", "dtype", "chunks", "shards", "codecs", "stored bytes")
     for name, a in info.get("arrays", {}).items():
         table.add_row(name, str(a.get("shape")), str(a.get("dtype")), str(a.get("chunks")), str(a.get("shards")), _codec_names(a.get("codecs")), f"{a.get('stored_bytes', 0):,}")

@@ -88,31 +88,55 @@ def file_sha256(path: Path, chunk_bytes: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-def tokenizer_identity(tokenizer) -> dict:
-    """Identity of a tokenizer: name, content hash and vocabulary size.
+TOKENIZER_HASH_SCHEME = 2
+"""Version of what :func:`tokenizer_identity` hashes (bumped when the hashed content changes)."""
 
-    The hash covers the fast tokenizer's full JSON (vocabulary, merges, normaliser,
-    pre-tokeniser, added/special tokens) with the run-time ``padding``/``truncation``
-    settings removed, so two copies of one tokenizer hash equal wherever they were loaded
-    from. ``vocab_size`` is ``len(tokenizer)`` (the tokenizer's own count, added tokens
-    included), not the often padded embedding size.
 
-    Returns:
-        ``{"source", "hash", "vocab_size"}`` (``source`` is where it was loaded from: informative,
-        not compared when a cache is resumed).
-    """
+def _tokenizer_content(tokenizer) -> dict:
+    """What decides a tokenizer's ids for a text, as canonical JSON-able data."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:
         content = json.loads(backend.to_str())
-        content.pop("padding", None)
-        content.pop("truncation", None)
-    else:  # slow tokenizer: vocabulary and special tokens
-        content = {"vocab": sorted(tokenizer.get_vocab().items()), "special": tokenizer.all_special_tokens}
-    blob = json.dumps(content, sort_keys=True, ensure_ascii=False).encode()
+        for key in ("padding", "truncation", "decoder", "version"):  # run-time settings / decoding only
+            content.pop(key, None)
+        model = content.get("model") or {}
+        if isinstance(model.get("merges"), list):  # tokenizers >= 0.20 writes pairs, older ones "a b"
+            model["merges"] = [m.split(" ", 1) if isinstance(m, str) else list(m) for m in model["merges"]]
+        content["added_tokens"] = sorted(content.get("added_tokens") or [], key=lambda a: a.get("id", 0))
+    else:  # slow tokenizer: vocabulary (ids included) and added tokens
+        content = {"vocab": sorted(tokenizer.get_vocab().items()), "added": sorted(map(str, getattr(tokenizer, "added_tokens_decoder", {}).items()))}
+    content["special_tokens"] = {k: str(getattr(tokenizer, k, None)) for k in ("bos_token", "eos_token", "unk_token")}
+    return content
+
+
+def tokenizer_identity(tokenizer) -> dict:
+    """Identity of a tokenizer: where it came from, a content hash and its vocabulary size.
+
+    The hash (SHA-256 of canonical JSON) covers everything that decides the ids of a text:
+    the model's vocabulary and merges (merge pairs canonicalised across ``tokenizers``
+    versions), its other settings (unk token, byte fallback ...), the added and special
+    tokens with their ids and flags, the normaliser, pre-tokeniser and post-processor
+    (which adds BOS/EOS), and the BOS/EOS/UNK token names. Left out: the run-time
+    ``padding``/``truncation`` settings, the decoder (decoding only) and the pad token
+    (kvkd sets it to EOS where a tokenizer has none). Two copies of one tokenizer hash
+    equal wherever they were loaded from.
+
+    ``vocab_size`` is ``len(tokenizer)``: every id the tokenizer can emit, added tokens
+    included. ``base_vocab_size`` is ``tokenizer.vocab_size`` (the base vocabulary without
+    added tokens). Neither is the embedding matrix size, which models often pad (e.g. to a
+    multiple of 64).
+
+    Returns:
+        ``{"source", "hash", "hash_scheme", "vocab_size", "base_vocab_size"}``; ``source``
+        is informative only (never compared).
+    """
+    blob = json.dumps(_tokenizer_content(tokenizer), sort_keys=True, ensure_ascii=False).encode()
     return {
         "source": getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__,
         "hash": hashlib.sha256(blob).hexdigest(),
+        "hash_scheme": TOKENIZER_HASH_SCHEME,
         "vocab_size": len(tokenizer),
+        "base_vocab_size": int(getattr(tokenizer, "vocab_size", len(tokenizer))),
     }
 
 
@@ -209,17 +233,91 @@ def load_model(
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     model.eval()
-    cfg = model.config
-    info.update(
-        architecture=type(model).__name__,
-        model_type=getattr(cfg, "model_type", ""),
-        num_layers=cfg.num_hidden_layers,
-        num_heads=cfg.num_attention_heads,
-        num_kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
-        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
-        hidden_size=cfg.hidden_size,
-    )
+    info.update(architecture=type(model).__name__, **model_shape(model.config))
     return LoadedModel(model=model, tokenizer=tokenizer, info=info)
+
+
+def model_shape(config) -> dict:
+    """Sizes of a causal LM from its config: ``model_type``, ``num_layers``, ``num_heads``,
+    ``num_kv_heads`` (GQA; = heads when absent), ``head_dim`` (explicit, else hidden/heads),
+    ``hidden_size``."""
+    heads = config.num_attention_heads
+    return {
+        "model_type": getattr(config, "model_type", ""),
+        "num_layers": config.num_hidden_layers,
+        "num_heads": heads,
+        "num_kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
+        "hidden_size": config.hidden_size,
+    }
+
+
+def load_config(spec: str, revision: str | None = None, trust_remote_code: bool = False) -> LoadedModel:
+    """Load only a model's config and tokenizer (no weights): for planning and dry runs.
+
+    GGUF files are read through their metadata (``gguf_file=``; no de-quantisation), or
+    from kvkd's converted copy when one exists (fastest). Same specs as :func:`load_model`.
+
+    Returns:
+        LoadedModel with ``model=None``, the tokenizer (pad token set as in ``load_model``) and
+        ``info`` (source, sizes, ``architecture`` from the config's ``architectures``).
+    Raises:
+        ModelLoadError: unknown spec, missing file, or hub not reachable.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    info: dict[str, Any] = {"spec": spec, "revision": revision}
+    path = Path(spec).expanduser()
+    try:
+        if spec == SMOLLM2_ALIAS or path.suffix == ".gguf":
+            gguf = smollm2_gguf_path() if spec == SMOLLM2_ALIAS else path
+            if not gguf.is_file():
+                raise ModelLoadError(f"GGUF file {gguf} does not exist")
+            converted = _converted_gguf_folder(gguf)
+            if (converted / "config.json").is_file():
+                config, tokenizer = AutoConfig.from_pretrained(converted), AutoTokenizer.from_pretrained(converted)
+            else:
+                config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+                tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            info.update(source="gguf", file_name=gguf.name)
+        elif path.is_dir():
+            if not (path / "config.json").is_file():
+                raise ModelLoadError(f"{path} is a folder without config.json; is it a Hugging Face model folder?")
+            config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+            info.update(source="folder")
+        elif path.exists():
+            raise ModelLoadError(f"{path} is neither a model folder nor a .gguf file")
+        else:
+            config = AutoConfig.from_pretrained(spec, revision=revision, trust_remote_code=trust_remote_code)
+            tokenizer = AutoTokenizer.from_pretrained(spec, revision=revision, trust_remote_code=trust_remote_code)
+            info.update(source="hub")
+    except OSError as err:
+        raise ModelLoadError(f"could not read the config of {spec!r} ({err}). Pass an existing folder, a .gguf file, or `smollm2`") from err
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    info.update(architecture=(getattr(config, "architectures", None) or [""])[0], **model_shape(config))
+    return LoadedModel(model=None, tokenizer=tokenizer, info=info)
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` -> this process's CUDA device if one is visible (``cuda:$LOCAL_RANK`` under
+    torchrun/deepspeed), else cpu; ``cpu``; ``cuda`` / ``cuda:N``.
+
+    Raises:
+        ValueError: unknown name, or cuda asked for without a CUDA device.
+    """
+    if name == "auto":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "cuda" or name.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: no CUDA device is visible; use --device cpu (or auto)")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if name == "cuda" else torch.device(name)
+    raise ValueError(f"unknown device {name!r}; use auto, cpu or cuda[:N]")
 
 
 def decoder_layers(model) -> list:

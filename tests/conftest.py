@@ -47,13 +47,14 @@ def smol_tokenizer_dir(tmp_path_factory) -> Path:
     return out
 
 
-def make_tiny_model(folder: Path, tokenizer_dir: Path, *, layers=2, heads=4, kv_heads=2, head_dim=16, hidden=64, seed=0) -> Path:
-    """Save a tiny random LlamaForCausalLM (+ the given tokenizer) into ``folder``."""
+def make_tiny_model(folder: Path, tokenizer_dir: Path, *, layers=2, heads=4, kv_heads=2, head_dim=16, hidden=64, seed=0, vocab_size=None) -> Path:
+    """Save a tiny random LlamaForCausalLM (+ the given tokenizer) into ``folder``; ``vocab_size``
+    pads the embedding beyond ``len(tokenizer)`` (as many real models do)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     cfg = LlamaConfig(
-        vocab_size=len(tok),
+        vocab_size=vocab_size or len(tok),
         hidden_size=hidden,
         intermediate_size=2 * hidden,
         num_hidden_layers=layers,

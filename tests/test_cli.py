@@ -41,7 +41,8 @@ def test_extract_train_eval_end_to_end(rows, tiny_teacher, tiny_student, tmp_pat
     cfg = tmp_path / "train.yaml"
     cfg.write_text("train:\n  steps: 2\n  batch_size: 4\n  lora_r: 4\n  num_workers: 0\n")
     run = tmp_path / "run"
-    _ok(["train", *caches, "--student", str(tiny_student), "--out", str(run), "--router", "learnable", "--config", str(cfg), "--steps", "3"])
+    text = _ok(["train", *caches, "--student", str(tiny_student), "--out", str(run), "--router", "learnable", "--config", str(cfg), "--steps", "3"])
+    assert "teachers" in text and text.count("shared") >= 2  # per-teacher table: both share the student's tokenizer
     log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     assert len(log) == 3  # the flag overrides the file's 2 steps
     assert json.loads((run / "config.json").read_text())["router"] == "learnable"

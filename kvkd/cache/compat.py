@@ -1,9 +1,10 @@
 """Check that teacher caches can be trained on together (and with the training data).
 
 Training refuses caches that disagree with each other, or with the training data, on the data
-set fingerprint, the tokenizer hash or the slot budget M, with an error naming the field, the
-caches and their values. Tokenizers may legitimately differ between teachers (DESIGN.md section
-4): callers mixing tokenizers drop ``"tokenizer.hash"`` from ``fields``.
+set fingerprint or the slot budget M, with an error naming the field, the caches and their
+values. Tokenizers may legitimately differ between teachers and the student (DESIGN.md section
+4); :func:`tokenizer_differences` says how two differ, and :func:`check_same_tokenizer` refuses
+a mismatch for the modes that need token correspondence, naming the teacher.
 """
 
 from __future__ import annotations
@@ -64,4 +65,49 @@ def check_compatible(
                 "Train on the data the caches were extracted from, or re-extract them",
                 field,
                 {**values, "expected": want},
+            )
+
+
+def tokenizer_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """What differs between two tokenizer identities (``kvkd.models.tokenizer_identity``).
+
+    Returns:
+        human-readable differences, e.g. ``["vocab_size 49152 != 512", "content hash 3f2a9c1b != 77d0e4aa"]``;
+        empty if they are the same tokenizer (equal content hashes).
+    """
+    if a.get("hash") == b.get("hash") and a.get("hash") is not None:
+        return []
+    out = [f"{key} {a.get(key, MISSING)} != {b.get(key, MISSING)}" for key in ("vocab_size", "base_vocab_size") if a.get(key) != b.get(key)]
+    if a.get("hash_scheme") != b.get("hash_scheme"):
+        out.append(f"hash scheme {a.get('hash_scheme', 1)} != {b.get('hash_scheme', 1)} (a cache from an older kvkd: re-extract it to compare)")
+    out.append(f"content hash {str(a.get('hash'))[:8]} != {str(b.get('hash'))[:8]} (vocabulary, merges, special tokens or pre-tokenisation)")
+    out.append(f"source {a.get('source', MISSING)!r} vs {b.get('source', MISSING)!r}")
+    return out
+
+
+def check_same_tokenizer(reference: tuple[str, dict[str, Any]], caches: Sequence[tuple[str, dict[str, Any]]], why: str) -> None:
+    """Raise unless every cache's tokenizer is the reference's (for modes that need token correspondence).
+
+    Latent training needs no token correspondence (DESIGN.md section 4); anything that compares
+    token ids or per-token quantities across models (``--require-same-tokenizer``, token-level
+    distillation) calls this first.
+
+    Args:
+        reference: ``(name, tokenizer identity)``, e.g. ``("student smollm2", identity)``.
+        caches: ``(name or url, cache metadata)`` pairs.
+        why: the mode or option that needs it, quoted in the error.
+    Raises:
+        CacheMismatchError: field ``"tokenizer.hash"``; names the first differing teacher and
+            what differs (vocab sizes, content hash, source).
+    """
+    ref_name, ref = reference
+    for name, meta in caches:
+        diff = tokenizer_differences(meta.get("tokenizer", {}), ref)
+        if diff:
+            raise CacheMismatchError(
+                f"{why} needs teachers that tokenize like the {ref_name}, but teacher {name} has another tokenizer: "
+                + "; ".join(diff)
+                + ". Drop that option (latent distillation works across tokenizers) or re-extract the teacher's cache with the same tokenizer",
+                "tokenizer.hash",
+                {name: meta.get("tokenizer", {}).get("hash", MISSING), ref_name: ref.get("hash")},
             )

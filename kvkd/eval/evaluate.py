@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 
 from kvkd.data import Example, load_examples
+from kvkd.models import resolve_device
 from kvkd.eval.answers import answers_match, extract_answer, extract_boxed, wilson_interval
 from kvkd.prompts import PromptTemplate, token_span
 from kvkd.train.loader import collate, tokenize_student
@@ -34,7 +35,7 @@ class EvalConfig:
     """Options of ``kvkd eval``.
 
     Attributes:
-        run: a ``kvkd train`` run folder (latent mode).
+        run: a ``kvkd train`` run folder or a ``kvkd export`` folder (latent mode).
         model: a plain model spec (``nocot``/``cot`` baselines, or ``untrained`` latent student).
         mode: ``latent``, ``nocot`` or ``cot``.
         untrained: latent mode with a fresh (untrained) student built from ``model``.
@@ -46,6 +47,7 @@ class EvalConfig:
         out: predictions JSONL path ("" = ``predictions.jsonl`` in the run folder or cwd).
         seed: RNG seed (the untrained student's projection init).
         num_threads: torch CPU threads (0 = default).
+        device: ``auto`` (CUDA if visible, else cpu), ``cpu`` or ``cuda[:N]``.
     """
 
     run: str = ""
@@ -65,6 +67,7 @@ class EvalConfig:
     out: str = ""
     seed: int = 0
     num_threads: int = 0
+    device: str = "auto"
 
 
 @dataclass
@@ -93,14 +96,15 @@ def _batches(items: list, size: int):
 def _latent_predictions(student, examples: list[Example], cfg: EvalConfig, on_progress) -> tuple[list[str], list[float]]:
     tok = student.tokenizer
     template = student.template
-    prompt_ids = torch.tensor(tok(template.answer_prefix, add_special_tokens=False)["input_ids"])
+    device = next(student.parameters()).device
+    prompt_ids = torch.tensor(tok(template.answer_prefix, add_special_tokens=False)["input_ids"], device=device)
     texts, nlls = [], []
     for chunk in _batches(examples, cfg.batch_size):
         items = []
         for ex in chunk:
             st = tokenize_student(tok, ex, template)
             items.append({"index": 0, "q_ids": st.q_ids, "s_ids": st.s_ids, "answer_start": st.answer_start, "teachers": []})
-        batch = collate(items, tok.pad_token_id)
+        batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate(items, tok.pad_token_id).items()}
         out = student(batch["q_ids"], batch["q_mask"], batch["s_ids"], batch["s_mask"], batch["answer_start"])
         nlls.extend(out.answer_nll.tolist())
         gen = student.generate(batch["q_ids"], batch["q_mask"], prompt_ids, cfg.max_new_tokens)
@@ -123,7 +127,7 @@ def _text_predictions(loaded, examples: list[Example], cfg: EvalConfig, on_progr
         else:
             prompts = [template.question_text(ex.question) + template.answer_prefix for ex in chunk]
             max_new = cfg.max_new_tokens
-        enc = tok(prompts, return_tensors="pt", padding=True)
+        enc = tok(prompts, return_tensors="pt", padding=True).to(model.device)
         gen = model.generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id)
         for row, prompt in zip(gen[:, enc["input_ids"].shape[1] :], prompts):
             text = tok.decode(row, skip_special_tokens=True)
@@ -133,7 +137,7 @@ def _text_predictions(loaded, examples: list[Example], cfg: EvalConfig, on_progr
             head = template.question_text(ex.question)
             enc = tok(head + text, return_offsets_mapping=True)
             first, stop = token_span(enc["offset_mapping"], (len(head) + a_start, len(head) + a_end))
-            ids = torch.tensor([enc["input_ids"]])
+            ids = torch.tensor([enc["input_ids"]], device=model.device)
             logits = model(input_ids=ids).logits[0, first - 1 : stop - 1].float()
             nlls.append(float(torch.nn.functional.cross_entropy(logits, ids[0, first:stop])))
         if on_progress:
@@ -161,9 +165,10 @@ def evaluate(cfg: EvalConfig, on_progress: Callable[[int, int], None] | None = N
         name = cfg.run or f"{cfg.model} (untrained latent)"
         if student is None:
             if cfg.run:
+                from kvkd.train.export import is_export, load_export
                 from kvkd.train.trainer import load_run
 
-                student, _ = load_run(cfg.run)
+                student, _ = load_export(cfg.run) if is_export(cfg.run) else load_run(cfg.run)
             elif cfg.untrained and cfg.model:
                 from kvkd.train.trainer import TrainConfig, build_student
 
@@ -172,6 +177,7 @@ def evaluate(cfg: EvalConfig, on_progress: Callable[[int, int], None] | None = N
                 student.eval()
             else:
                 raise ValueError("latent mode needs --run RUN_DIR, or --model SPEC with --untrained")
+            student.to(resolve_device(cfg.device))
         texts, nlls = _latent_predictions(student, examples, cfg, on_progress)
     else:
         if not cfg.model:
@@ -179,7 +185,9 @@ def evaluate(cfg: EvalConfig, on_progress: Callable[[int, int], None] | None = N
         from kvkd.models import load_model
 
         name = f"{cfg.model} ({cfg.mode})"
-        texts, nlls = _text_predictions(load_model(cfg.model), examples, cfg, on_progress)
+        loaded = load_model(cfg.model)
+        loaded.model.to(resolve_device(cfg.device))
+        texts, nlls = _text_predictions(loaded, examples, cfg, on_progress)
     out = Path(cfg.out or (Path(cfg.run) / "predictions.jsonl" if cfg.run else "predictions.jsonl"))
     out.parent.mkdir(parents=True, exist_ok=True)
     correct = 0

@@ -160,13 +160,14 @@ def capture_batch(model, batch: TeacherBatch) -> Capture:
     hidden_states = out.hidden_states  # L+1 x (B, T, d)
     Tc = int(cot_len.max())
     A = int(ans_len.max())
-    ar_b = torch.arange(B)
+    dev = batch.input_ids.device
+    ar_b = torch.arange(B, device=dev)
 
     # Hidden states at the answer boundary and answer NLL (LM head on answer rows only).
     boundary = batch.answer[:, 0] - 1  # (B,)
     hidden = torch.stack([h[ar_b, boundary] for h in hidden_states], dim=1).float()  # (B, L+1, d)
-    pred_pos = (boundary[:, None] + torch.arange(A)[None]).clamp(max=T - 1)  # (B, A): predicts answer token j
-    ans_mask = torch.arange(A)[None] < ans_len[:, None]  # (B, A)
+    pred_pos = (boundary[:, None] + torch.arange(A, device=dev)[None]).clamp(max=T - 1)  # (B, A): predicts answer token j
+    ans_mask = torch.arange(A, device=dev)[None] < ans_len[:, None]  # (B, A)
     last = hidden_states[-1]
     logits = base.lm_head(last[ar_b[:, None], pred_pos]).float()  # (B, A, V)
     targets = batch.input_ids[ar_b[:, None], (pred_pos + 1).clamp(max=T - 1)]
@@ -178,8 +179,8 @@ def capture_batch(model, batch: TeacherBatch) -> Capture:
     rope_fn = sys.modules[type(attn0).__module__].apply_rotary_pos_emb
     cos, sin = decoder.rotary_emb(hidden_states[0], position_ids)  # (B, T, D)
     scaling = getattr(attn0, "scaling", D**-0.5)
-    key_pos = torch.arange(T)
-    ans_rows = (boundary[:, None] + 1 + torch.arange(A)[None]).clamp(max=T - 1)  # (B, A) answer token positions (masked past each answer)
+    key_pos = torch.arange(T, device=dev)
+    ans_rows = (boundary[:, None] + 1 + torch.arange(A, device=dev)[None]).clamp(max=T - 1)  # (B, A) answer token positions (masked past each answer)
     keys, values, importance = [], [], []
     for i in range(len(layers)):
         k = _heads(hooks.k[i], D).float()  # (B, H_kv, T, D) pre-RoPE

@@ -4,23 +4,33 @@ The loop works shard by shard: every pending shard of the store (see
 ``kvkd.cache.writer``) is filled in memory, batch by batch (examples sorted by length
 inside the shard to cut padding), then written in one go; a shard whose flags are not set
 is redone on the next call, so an interrupted run resumes where it stopped.
+
+Parallel extraction (``extraction_part``): N processes — ranks of ``torchrun``/``deepspeed``
+(``RANK``/``WORLD_SIZE``) or independent jobs (``--num-shards N --shard-index i``) — open the
+same store and each writes the shards ``s % N == i``, without talking to each other. Each part
+resumes on its own (its pending shards are those whose flags are unset). A part holds a claim
+file on a shard while computing it (``kvkd.cache.claims``), so a second writer of that shard
+fails loudly instead of overwriting it. Every part writes its flags before it checks them all,
+so the part that finishes last marks the cache complete.
 """
 
 from __future__ import annotations
 
+import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
 import numpy as np
 import torch
 
 from kvkd.cache.codecs import Compressor
+from kvkd.cache.errors import CacheError
 from kvkd.cache.schema import CacheLayout
 from kvkd.cache.writer import CacheWriter
 from kvkd.data import DataError, Example, LoadResult, build_trace, dataset_fingerprint, load_examples
-from kvkd.models import LoadedModel, key_module, decoder_layers, load_model, tokenizer_identity
-from kvkd.pipeline.capture import TeacherBatch, capture_batch
+from kvkd.models import LoadedModel, key_module, decoder_layers, load_model, resolve_device, tokenizer_identity
+from kvkd.pipeline.capture import Capture, TeacherBatch, capture_batch
 from kvkd.pipeline.compress import DEFAULT_LAMBDA, gather_slots, select_slots
 from kvkd.prompts import PromptTemplate, token_span
 
@@ -51,6 +61,12 @@ class ExtractConfig:
         overwrite: replace an existing store at ``out``.
         trust_remote_code: let the checkpoint run its own code (off unless asked for).
         num_threads: torch CPU threads (0 = torch's default).
+        num_shards: split the cache's shards over this many independent parts (jobs of an
+            array, ranks): part i writes the shards s with ``s % num_shards == i``. 0 = take
+            the rank and world size from the launcher (``RANK``/``WORLD_SIZE`` of torchrun or
+            deepspeed), or one part when they are not set.
+        shard_index: this part's index i in ``[0, num_shards)`` (with ``num_shards``).
+        device: ``auto`` (this rank's CUDA device if visible, else cpu), ``cpu`` or ``cuda[:N]``.
     """
 
     model: str = "smollm2"
@@ -73,6 +89,9 @@ class ExtractConfig:
     overwrite: bool = False
     trust_remote_code: bool = False
     num_threads: int = 0
+    num_shards: int = 0
+    shard_index: int | None = None
+    device: str = "auto"
 
 
 @dataclass
@@ -101,6 +120,7 @@ class ExtractSummary:
     bytes_stored: int
     bytes_per_example: float
     complete: bool
+    part: list = field(default_factory=lambda: [0, 1])
     problems: list = field(default_factory=list)
 
 
@@ -119,6 +139,34 @@ def parse_compressor(text: str) -> Compressor:
     level = int(parts[1]) if len(parts) > 1 else 3
     shuffle = parts[2] if len(parts) > 2 else ("bit" if name == "blosc" else "none")
     return Compressor(name, level, shuffle)
+
+
+def extraction_part(cfg: ExtractConfig, env: dict | None = None) -> tuple[int, int]:
+    """This process's part ``(index, count)`` of a parallel extraction.
+
+    ``--num-shards/--shard-index`` win; else ``RANK``/``WORLD_SIZE`` from the launcher's
+    environment (torchrun, deepspeed); else ``(0, 1)``.
+
+    Raises:
+        ValueError: an index outside ``[0, count)``, an index without a count, or ``overwrite``
+            with more than one part (each part would delete the others' work).
+    """
+    env = os.environ if env is None else env
+    if cfg.num_shards:
+        if cfg.shard_index is None:
+            raise ValueError(f"--num-shards {cfg.num_shards} needs --shard-index (0..{cfg.num_shards - 1}) for this job")
+        part = (cfg.shard_index, cfg.num_shards)
+    elif cfg.shard_index is not None:
+        raise ValueError("--shard-index needs --num-shards (the number of parallel jobs)")
+    elif int(env.get("WORLD_SIZE", "1")) > 1:
+        part = (int(env.get("RANK", "0")), int(env["WORLD_SIZE"]))
+    else:
+        part = (0, 1)
+    if part[1] < 1 or not 0 <= part[0] < part[1]:
+        raise ValueError(f"shard index {part[0]} is not in [0, {part[1]}): pass --shard-index between 0 and --num-shards - 1")
+    if part[1] > 1 and cfg.overwrite:
+        raise ValueError("--overwrite cannot be used by parallel parts (each would delete the others' shards); delete the store once, then start the parts")
+    return part
 
 
 def tokenize_teacher(tokenizer, examples: list[Example], traces: list[str], template: PromptTemplate) -> TeacherBatch:
@@ -155,7 +203,7 @@ def tokenize_teacher(tokenizer, examples: list[Example], traces: list[str], temp
     return TeacherBatch(input_ids, mask, torch.tensor(cots), torch.tensor(answers))
 
 
-def _traces(examples: list[Example], cfg: ExtractConfig) -> tuple[list[str], list[str]]:
+def resolve_traces(examples: list[Example], cfg: ExtractConfig) -> tuple[list[str], list[str]]:
     """The trace of every example, with ``cfg.trace_fallback`` for empty ones.
 
     Raises:
@@ -222,12 +270,14 @@ def extract(
         raise ValueError("no output store given: pass --out PATH")
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    part = extraction_part(cfg)
     data = load_examples(cfg.data, split=cfg.split, fmt=cfg.data_format, limit=cfg.limit, offset=cfg.offset)
     if not data.examples:
         raise ValueError(f"{cfg.data}: no examples selected (offset={cfg.offset}, limit={cfg.limit})")
-    traces, fallback_ids = _traces(data.examples, cfg)
+    traces, fallback_ids = resolve_traces(data.examples, cfg)
     loaded = loaded or load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
-    model, tok = loaded.model, loaded.tokenizer
+    device = resolve_device(cfg.device)
+    model, tok = loaded.model.to(device), loaded.tokenizer
     info = loaded.info
     frame = key_module(decoder_layers(model)[0])[1]
     layout = CacheLayout(
@@ -248,8 +298,8 @@ def extract(
         overwrite=cfg.overwrite,
     )
     layout = writer.layout
-    pending = writer.pending_shards()
-    skipped = layout.num_shards - len(pending)
+    pending = writer.pending_shards(part=part)  # this part's unwritten shards: a part resumes on its own
+    skipped = len(range(part[0], layout.num_shards, part[1])) - len(pending)
     total = sum(layout.shard_range(s)[1] - layout.shard_range(s)[0] for s in pending)
     start_time = time.perf_counter()
     done = tokens = 0
@@ -257,17 +307,26 @@ def extract(
     for shard in pending:
         lo, hi = layout.shard_range(shard)
         n = hi - lo
-        rows = _empty_rows(layout, n)
-        order = sorted(range(lo, hi), key=lambda i: lengths[i])  # less padding per batch
-        for b in range(0, n, cfg.batch_size):
-            idx = order[b : b + cfg.batch_size]
-            batch = tokenize_teacher(tok, [data.examples[i] for i in idx], [traces[i] for i in idx], template)
-            _fill_rows(rows, [i - lo for i in idx], capture_batch(model, batch), cfg)
-            done += len(idx)
-            tokens += batch.num_tokens
-            if on_progress:
-                on_progress(ExtractProgress(done, total, tokens, time.perf_counter() - start_time))
-        writer.write_shard(shard, rows)
+        with writer.claim(shard):  # held while computing: a second writer of this shard fails here (CacheError)
+            if shard not in writer.pending_shards(part=part):
+                raise CacheError(
+                    f"shard {shard} of {cfg.out} was written by another writer while part {part[0]} of {part[1]} was running; "
+                    "two jobs were given the same part: give each job its own --shard-index"
+                )
+            rows = _empty_rows(layout, n)
+            order = sorted(range(lo, hi), key=lambda i: lengths[i])  # less padding per batch
+            for b in range(0, n, cfg.batch_size):
+                idx = order[b : b + cfg.batch_size]
+                batch = tokenize_teacher(tok, [data.examples[i] for i in idx], [traces[i] for i in idx], template)
+                cap = capture_batch(model, TeacherBatch(*(t.to(device) for t in astuple_shallow(batch))))
+                _fill_rows(rows, [i - lo for i in idx], Capture(*(t.cpu() for t in astuple_shallow(cap))), cfg)  # compressed on CPU
+                done += len(idx)
+                tokens += batch.num_tokens
+                if on_progress:
+                    on_progress(ExtractProgress(done, total, tokens, time.perf_counter() - start_time))
+            writer.write_shard(shard, rows)
+    # Every part sets its flags before it checks all of them, so the part that writes last sees
+    # every flag set and marks the cache complete (several may; the result is the same).
     complete = writer.finalize()
     wall = time.perf_counter() - start_time
     stored = writer.stored_bytes()
@@ -284,8 +343,14 @@ def extract(
         bytes_stored=stored,
         bytes_per_example=stored / layout.num_examples,
         complete=complete,
+        part=list(part),
         problems=[asdict(p) for p in data.problems],
     )
+
+
+def astuple_shallow(obj) -> tuple:
+    """A dataclass's field values in order, without copying (``dataclasses.astuple`` deep-copies)."""
+    return tuple(getattr(obj, f.name) for f in fields(obj))
 
 
 def _empty_rows(layout: CacheLayout, n: int) -> dict[str, np.ndarray]:

@@ -1,24 +1,56 @@
 """Teacher -> student alignment: layer maps and projections into the student's space.
 
-Teachers may differ from the student in layers, KV heads, head dim and hidden size
+Teachers may differ from the student in layers, KV heads (GQA), head dim and hidden size
 (DESIGN.md section 4). Each teacher gets a :class:`TeacherAligner` that picks, for every
-student layer, a teacher layer (proportional depth by default) and maps its KV slots and
-hidden state into the student's shapes: identity where shapes match, a learned linear map
-(trained with the student, saved in checkpoints) where they differ.
+student layer, a teacher layer (:func:`layer_map`: proportional depth by default, ``last``,
+or an explicit list) and maps its KV slots and hidden state into the student's shapes:
+identity where shapes match, a learned :class:`TargetProjection` (trained with the student,
+saved in checkpoints, never exported with the student) where they differ.
 
-Caveat: a learned map on the *target* side can shrink the targets to lower the loss; the
-losses' per-layer std normalisation divides by the projected teacher's std, which removes
-the pure-scale shortcut, but not every degenerate solution.
+Why the projections are constrained (target collapse). A learned map on the *target* side
+can lower the loss by degrading the targets instead of improving the student: an
+unconstrained linear ``P`` can map every teacher vector onto a constant (teacher states
+have a large shared mean component; ``P`` keeps only that and the student matches a
+constant). Per-layer std normalisation removes the pure-scale shortcut but not this one
+(``tests/train/test_align.py`` shows a plain ``nn.Linear`` collapsing there). A
+:class:`TargetProjection` is therefore ``P = R B``:
+
+- ``B`` (fixed, not trained): when the teacher space is larger than the student's, the
+  teacher's top principal directions, fitted once on cached rows (PCA keeps the most
+  per-example variance any rank-``n_out`` orthogonal projection can keep, Eckart-Young);
+  otherwise an isometric embedding ``[I; 0]``.
+- ``R`` (trained): a rotation of the student's space, kept exactly orthogonal by
+  ``torch.nn.utils.parametrizations.orthogonal`` (Cayley map).
+
+So ``||P t1 - P t2|| = ||B (t1 - t2)||`` at every step: distances between targets, hence
+their spread, cannot shrink during training; the projection can only choose *how* the
+teacher's geometry is oriented in the student's coordinates (the orthogonal-Procrustes
+alignment used for embedding spaces, e.g. Smith et al. 2017; Conneau et al. 2018). The
+price: the student must match the teacher's anisotropy up to rotation, not a re-scaled
+version of it, and each step evaluates one Cayley map (a linear solve of ``n_out x n_out``)
+per projected layer. The Cayley map rather than ``matrix_exp``: on CPU (torch 2.13, d = 896)
+its forward + backward takes ~0.4 s against ~6 s for ``matrix_exp``, whose backward is slow;
+it reaches every rotation without an eigenvalue -1, which is enough starting from the identity.
+
+KV slots: the teacher compressed its cache per KV head, so slot ``m`` of different heads
+may come from different CoT tokens; a KV projection maps the concatenation of all heads'
+slot ``m`` (``H_kv_t * D_t``) to the student's (``H_kv_s * D_s``), shared over slots.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from typing import Union
 
+import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils.parametrizations import orthogonal
 
 LAYER_MAPS = ("proportional", "last")
+LayerMapSpec = Union[str, list[int]]
+"""``"proportional"``, ``"last"`` or an explicit list of teacher layers (one per student layer)."""
 
 
 @dataclass(frozen=True)
@@ -30,37 +62,163 @@ class Shape:
     head_dim: int
     hidden_size: int
 
+    @classmethod
+    def from_layout(cls, layout: dict) -> "Shape":
+        """From a cache's ``layout`` metadata (or a model ``info`` dict with the same keys)."""
+        return cls(int(layout["num_layers"]), int(layout["num_kv_heads"]), int(layout["head_dim"]), int(layout["hidden_size"]))
 
-def layer_map(num_teacher_layers: int, num_student_layers: int, kind: str = "proportional", explicit: list[int] | None = None) -> list[int]:
+
+def layer_map(num_teacher_layers: int, num_student_layers: int, kind: LayerMapSpec = "proportional", explicit: list[int] | None = None) -> list[int]:
     """Teacher layer index for each student layer.
 
     Args:
-        kind: ``proportional`` (student layer j <- teacher layer round((j+1) L_t / L_s) - 1)
-            or ``last`` (the last L_s teacher layers; needs L_t >= L_s, else proportional).
-        explicit: a user-given map of length L_s (overrides ``kind``).
+        num_teacher_layers: L_t; num_student_layers: L_s.
+        kind: ``proportional``: student layer j <- teacher layer round((j+1) L_t / L_s) - 1
+            (the last layers always meet; works for any L_t, L_s); ``last``: the last L_s
+            teacher layers, one to one (needs L_t >= L_s); or an explicit list of L_s
+            teacher layer indices.
+        explicit: an explicit list (same as passing it as ``kind``; kept for callers).
     Returns:
-        list of L_s teacher layer indices.
+        list of L_s teacher layer indices in [0, L_t).
     Raises:
-        ValueError: bad kind or an explicit map of the wrong length / out of range.
+        ValueError: unknown kind, ``last`` with a teacher shallower than the student, or an
+            explicit map of the wrong length / out of range (the message says which).
     """
     if explicit is not None:
-        if len(explicit) != num_student_layers or not all(0 <= i < num_teacher_layers for i in explicit):
-            raise ValueError(f"explicit layer map {explicit} must list {num_student_layers} teacher layers in [0, {num_teacher_layers})")
-        return list(explicit)
-    if kind == "last" and num_teacher_layers >= num_student_layers:
+        kind = explicit
+    if isinstance(kind, (list, tuple)):
+        bad = [i for i in kind if not isinstance(i, (int, np.integer)) or isinstance(i, bool) or not 0 <= i < num_teacher_layers]
+        if len(kind) != num_student_layers or bad:
+            raise ValueError(
+                f"explicit layer map {list(kind)} must list {num_student_layers} teacher layers (one per student layer), "
+                f"each in [0, {num_teacher_layers})" + (f"; bad entries {bad}" if bad else f"; it has {len(kind)}")
+            )
+        return [int(i) for i in kind]
+    if kind == "last":
+        if num_teacher_layers < num_student_layers:
+            raise ValueError(
+                f"layer map 'last' needs a teacher with at least as many layers as the student ({num_student_layers}); "
+                f"this teacher has {num_teacher_layers}: use 'proportional' or an explicit map for it"
+            )
         return list(range(num_teacher_layers - num_student_layers, num_teacher_layers))
-    if kind not in LAYER_MAPS:
-        raise ValueError(f"unknown layer map {kind!r}; choose one of {LAYER_MAPS} or give an explicit list")
+    if kind != "proportional":
+        raise ValueError(f"unknown layer map {kind!r}; choose one of {LAYER_MAPS} or give an explicit list of teacher layers")
     return [max(0, round((j + 1) * num_teacher_layers / num_student_layers) - 1) for j in range(num_student_layers)]
 
 
-def _linear(n_in: int, n_out: int) -> nn.Linear:
-    lin = nn.Linear(n_in, n_out, bias=False)
-    if n_in == n_out:
-        nn.init.eye_(lin.weight)
-    else:
-        nn.init.orthogonal_(lin.weight)
-    return lin
+def parse_layer_map(text: str) -> LayerMapSpec:
+    """Parse one ``--layer-map`` value: ``proportional``, ``last``, ``0,2,4,5`` or ``[0, 2, 4, 5]``.
+
+    Raises:
+        ValueError: neither a known name nor a list of integers.
+    """
+    text = text.strip()
+    if text in LAYER_MAPS:
+        return text
+    try:
+        value = json.loads(text if text.startswith("[") else f"[{text}]")
+    except json.JSONDecodeError:
+        value = None
+    if not isinstance(value, list) or not value or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
+        raise ValueError(f"--layer-map {text!r}: use {' or '.join(LAYER_MAPS)}, or teacher layers per student layer like 0,2,4,5")
+    return value
+
+
+def layer_maps_per_teacher(spec: LayerMapSpec | list[LayerMapSpec], num_teachers: int) -> list[LayerMapSpec]:
+    """Expand a layer-map option to one spec per teacher.
+
+    Args:
+        spec: one spec for every teacher (a name, or a list of ints), or a list of K specs
+            (names or lists of ints), one per teacher, in ``--cache`` order.
+        num_teachers: K.
+    Returns:
+        K specs.
+    Raises:
+        ValueError: a per-teacher list whose length is not K.
+    """
+    if isinstance(spec, str) or (isinstance(spec, (list, tuple)) and all(isinstance(i, (int, np.integer)) for i in spec) and spec):
+        return [spec] * num_teachers
+    if not isinstance(spec, (list, tuple)) or len(spec) != num_teachers:
+        raise ValueError(f"layer_map: give one map for all teachers or one per teacher ({num_teachers}); got {spec!r}")
+    return [parse_layer_map(s) if isinstance(s, str) else list(s) for s in spec]
+
+
+def _orthonormal_complement(rows: torch.Tensor, extra: int, n: int, generator: torch.Generator) -> torch.Tensor:
+    """``extra`` random unit rows of length n, orthogonal to ``rows`` and to each other."""
+    g = torch.randn(extra, n, generator=generator, dtype=torch.float64)
+    if rows.shape[0]:
+        g = g - (g @ rows.T) @ rows
+    q, _ = torch.linalg.qr(g.T)  # (n, extra)
+    return q.T
+
+
+def principal_basis(samples: torch.Tensor | None, n_in: int, rank: int, seed: int = 0) -> torch.Tensor:
+    """Orthonormal rows spanning the top-``rank`` principal subspace of ``samples``.
+
+    Args:
+        samples: (N, n_in) vectors (any float dtype) or None.
+        n_in: vector size; rank: rows wanted (<= n_in).
+        seed: seeds the random completion when the samples span fewer than ``rank`` directions.
+    Returns:
+        (rank, n_in) float32 with orthonormal rows: the right singular vectors of the centred
+        samples, largest first, completed with random orthonormal rows when N - 1 < rank or
+        ``samples`` is None.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    top = torch.zeros(0, n_in, dtype=torch.float64)
+    if samples is not None and samples.shape[0] >= 2:
+        x = samples.detach().to(torch.float64)
+        x = x - x.mean(0, keepdim=True)
+        _, s, vh = torch.linalg.svd(x, full_matrices=False)  # vh: (min(N, n_in), n_in)
+        keep = int((s > s.max() * 1e-9).sum()) if s.numel() else 0
+        top = vh[: min(keep, rank)]
+    if top.shape[0] < rank:
+        top = torch.cat([top, _orthonormal_complement(top, rank - top.shape[0], n_in, gen)])
+    return top.float()
+
+
+class TargetProjection(nn.Module):
+    """A non-collapsing linear map of teacher vectors into the student's space, ``P = R B``.
+
+    Args:
+        n_in: teacher vector size; n_out: student vector size.
+        samples: (N, n_in) teacher vectors to fit the fixed basis on (used when n_in > n_out).
+        seed: seeds the basis completion.
+    Shapes: (..., n_in) -> (..., n_out), dtype of the input.
+
+    ``B`` (buffer ``basis``, (n_out, n_in), fixed): when n_in > n_out, orthonormal rows
+    spanning the samples' top-n_out principal directions; otherwise ``[I; 0]`` (orthonormal
+    columns, an isometric embedding). ``R`` (``rotation``, an ``nn.Linear(n_out, n_out)``
+    under ``parametrizations.orthogonal`` with the Cayley map) starts as the identity and is
+    trained; it stays exactly orthogonal for any value of its parameter (weight decay only
+    pulls it back towards the identity). See the module docstring for why.
+    """
+
+    def __init__(self, n_in: int, n_out: int, samples: torch.Tensor | None = None, seed: int = 0):
+        super().__init__()
+        self.n_in, self.n_out = n_in, n_out
+        basis = principal_basis(samples, n_in, n_out, seed) if n_in > n_out else torch.eye(n_out, n_in)
+        self.register_buffer("basis", basis)  # (n_out, n_in), saved in checkpoints
+        rot = nn.Linear(n_out, n_out, bias=False)
+        nn.init.eye_(rot.weight)
+        self.rotation = orthogonal(rot, orthogonal_map="cayley")
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective (n_out, n_in) matrix ``R B``."""
+        return self.rotation.weight @ self.basis
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.weight.to(x.dtype))
+
+
+def _kv_rows(x: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """(N, H, M, D) slots of one layer -> (n, H*D) rows of the slots valid in any head."""
+    N, H, M, D = x.shape
+    flat = x.permute(0, 2, 1, 3).reshape(N * M, H * D)  # (N*M, H*D)
+    if valid is None:
+        return flat
+    return flat[valid.permute(0, 2, 1).reshape(N * M, H).any(1)]
 
 
 class TeacherAligner(nn.Module):
@@ -69,20 +227,51 @@ class TeacherAligner(nn.Module):
     Args:
         teacher: the teacher's Shape; student: the student's Shape.
         mapping: student layer -> teacher layer (from :func:`layer_map`).
+        samples: cached teacher rows to fit the projections' fixed bases on (only read where
+            a projection shrinks a space): ``keys``/``values`` (N, L_t, H_t, M, D_t),
+            ``slot_valid`` (N, L_t, H_t, M) and ``hidden`` (N, L_t+1, d_t), NumPy or torch
+            (as ``CacheReader.read`` returns them). None: random orthonormal bases.
+    Raises:
+        ValueError: a mapping of the wrong length or out of range.
     """
 
-    def __init__(self, teacher: Shape, student: Shape, mapping: list[int]):
+    def __init__(self, teacher: Shape, student: Shape, mapping: list[int], samples: dict | None = None):
         super().__init__()
+        if len(mapping) != student.num_layers or not all(0 <= i < teacher.num_layers for i in mapping):
+            raise ValueError(f"layer map {mapping} must give {student.num_layers} teacher layers in [0, {teacher.num_layers})")
         self.teacher, self.student = teacher, student
         self.register_buffer("mapping", torch.tensor(mapping, dtype=torch.long), persistent=False)
         self.kv_identity = (teacher.num_kv_heads, teacher.head_dim) == (student.num_kv_heads, student.head_dim)
         self.hidden_identity = teacher.hidden_size == student.hidden_size
+        s = {k: torch.as_tensor(np.asarray(v)) for k, v in (samples or {}).items()}
         n_t, n_s = teacher.num_kv_heads * teacher.head_dim, student.num_kv_heads * student.head_dim
-        self.key_proj = None if self.kv_identity else nn.ModuleList(_linear(n_t, n_s) for _ in mapping)
-        self.value_proj = None if self.kv_identity else nn.ModuleList(_linear(n_t, n_s) for _ in mapping)
+        shrink_kv, shrink_h = n_t > n_s, teacher.hidden_size > student.hidden_size
+
+        def kv_proj(name: str, seed: int) -> nn.ModuleList:
+            projs = []
+            for j, t in enumerate(mapping):
+                rows = None
+                if shrink_kv and name in s:
+                    rows = _kv_rows(s[name][:, t], s["slot_valid"][:, t] if "slot_valid" in s else None)  # (n, H_t*D_t)
+                projs.append(TargetProjection(n_t, n_s, rows, seed + j))
+            return nn.ModuleList(projs)
+
+        self.key_proj = None if self.kv_identity else kv_proj("keys", 0)
+        self.value_proj = None if self.kv_identity else kv_proj("values", 10_000)
+        hidden_idx = [0] + [t + 1 for t in mapping]  # hidden index 0 (embeddings) <- teacher index 0
         self.hidden_proj = None if self.hidden_identity else nn.ModuleList(
-            _linear(teacher.hidden_size, student.hidden_size) for _ in range(len(mapping) + 1)
+            TargetProjection(teacher.hidden_size, student.hidden_size, s["hidden"][:, t] if shrink_h and "hidden" in s else None, 20_000 + j)
+            for j, t in enumerate(hidden_idx)
         )
+
+    def describe(self) -> dict:
+        """JSON summary for the run config: layer map, projection kinds, trained parameter count."""
+        return {
+            "layer_map": self.mapping.tolist(),
+            "kv": "identity" if self.kv_identity else f"learned {self.teacher.num_kv_heads}x{self.teacher.head_dim} -> {self.student.num_kv_heads}x{self.student.head_dim} per layer",
+            "hidden": "identity" if self.hidden_identity else f"learned {self.teacher.hidden_size} -> {self.student.hidden_size} per layer",
+            "trainable_parameters": sum(p.numel() for p in self.parameters() if p.requires_grad),
+        }
 
     def _kv(self, x: torch.Tensor, projs) -> torch.Tensor:
         x = x.index_select(1, self.mapping)  # (B, L_s, H_t, M, D_t)
@@ -91,7 +280,7 @@ class TeacherAligner(nn.Module):
         B, L, H, M, D = x.shape
         flat = x.permute(0, 1, 3, 2, 4).reshape(B, L, M, H * D)  # (B, L_s, M, H_t*D_t)
         out = torch.stack([projs[j](flat[:, j]) for j in range(L)], 1)  # (B, L_s, M, H_s*D_s)
-        return out.reshape(B, L, M, self.student.num_kv_heads, self.student.head_dim).permute(0, 1, 3, 2, 4)
+        return out.reshape(B, L, M, self.student.num_kv_heads, self.student.head_dim).permute(0, 1, 3, 2, 4)  # (B, L_s, H_s, M, D_s)
 
     def keys(self, keys: torch.Tensor) -> torch.Tensor:
         """(B, L_t, H_t, M, D_t) -> (B, L_s, H_s, M, D_s)."""
@@ -119,7 +308,7 @@ class TeacherAligner(nn.Module):
     def hidden(self, hidden: torch.Tensor) -> torch.Tensor:
         """(B, L_t+1, d_t) -> (B, L_s+1, d_s); index 0 (embeddings) maps to index 0."""
         idx = torch.cat([self.mapping.new_zeros(1), self.mapping + 1])
-        h = hidden.index_select(1, idx)
+        h = hidden.index_select(1, idx)  # (B, L_s+1, d_t)
         if self.hidden_proj is None:
             return h
-        return torch.stack([self.hidden_proj[j](h[:, j]) for j in range(h.shape[1])], 1)
+        return torch.stack([self.hidden_proj[j](h[:, j]) for j in range(h.shape[1])], 1)  # (B, L_s+1, d_s)

@@ -18,7 +18,7 @@ from kvkd.cache.reader import CacheReader
 from kvkd.data import Example
 from kvkd.prompts import PromptTemplate, token_span
 
-TEACHER_FIELDS = ("keys", "values", "hidden", "slot_valid", "slot_importance", "answer_nll")
+TEACHER_FIELDS = ("keys", "values", "hidden", "slot_valid", "slot_importance", "answer_nll", "answer_len")
 
 
 @dataclass
@@ -55,7 +55,7 @@ class DistillDataset(Dataset):
         template: prompt layout.
     Item: dict with ``index``, ``q_ids``, ``s_ids``, ``answer_start`` and ``teachers``: K dicts
     of float32 tensors (keys/values (L, H_kv, M, D), hidden (L+1, d), slot_valid (L, H_kv, M)
-    bool, slot_importance (L, H_kv, M), answer_nll ()).
+    bool, slot_importance (L, H_kv, M), answer_nll () nats/token, answer_len () int32 tokens).
     """
 
     def __init__(self, examples: list[Example], tokenizer, cache_urls: list[str], template: PromptTemplate = PromptTemplate()):

@@ -236,7 +236,7 @@ class LatentStudent(nn.Module):
         embeds = torch.cat([self.eot.to(self.base.dtype).expand(B, 1, -1), self.embed(prompt_ids[None].expand(B, -1))], 1)
         n = embeds.shape[1]
         mask = torch.cat([mask, mask.new_ones(B, n)], 1)
-        positions = next_pos[:, None] + torch.arange(n)[None]
+        positions = next_pos[:, None] + torch.arange(n, device=q_ids.device)[None]
         out = self._run(embeds, mask, positions, cache)
         pos = positions[:, -1:]
         eos = self.tokenizer.eos_token_id
@@ -274,4 +274,9 @@ def add_latent_tokens(lm, tokenizer) -> None:
     if missing:
         tokenizer.add_special_tokens({"additional_special_tokens": missing})
     if lm.get_input_embeddings().weight.shape[0] < len(tokenizer):
-        lm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        # The new rows are frozen and not checkpointed (latent mode feeds learned vectors
+        # instead), but a tied LM head scores them: draw them identically at every load, so a
+        # rebuilt student (kvkd eval of a run folder) equals the one that trained.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            lm.resize_token_embeddings(len(tokenizer), mean_resizing=True)

@@ -7,34 +7,41 @@ from their caches. The run folder holds ``config.json`` (resolved options), ``lo
 (one line per step: every loss term per teacher, router weights, lr, timing),
 ``checkpoints/step-N/`` (safetensors weights + optimiser state + ``state.json``) and
 ``summary.json``. A run resumes from its newest checkpoint.
+
+The optimiser step, device placement and checkpoint files belong to an engine
+(``kvkd.train.engines``): one process, or DeepSpeed ZeRO over ranks (``--deepspeed``), where
+each rank reads its rows of every global batch and rank 0 alone writes the run folder.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
-from kvkd.cache.compat import check_compatible
+from kvkd.cache.compat import check_compatible, check_same_tokenizer, get_field
+from kvkd.cache.errors import CacheMismatchError
 from kvkd.cache.reader import CacheReader
 from kvkd.data import dataset_fingerprint, load_examples
 from kvkd.models import load_model, tokenizer_identity
 from kvkd.prompts import PromptTemplate
-from kvkd.train.align import Shape, TeacherAligner, layer_map
+from kvkd.train.align import Shape, TeacherAligner, layer_map, layer_maps_per_teacher
+from kvkd.train.engines import build_engine, check_batches_split, rank_rows, to_device
 from kvkd.train.loader import DistillDataset, collate
 from kvkd.train.losses import cka_loss, codi_loss, kv_loss
 from kvkd.train.routers import RouterInputs, build_router
 from kvkd.train.student import LatentStudent, add_latent_tokens
+from kvkd.train.teachers import describe_teachers, fit_samples, needs_fit
 
 
 @dataclass
@@ -60,15 +67,26 @@ class TrainConfig:
         std_norm: per-layer teacher-std normalisation of both distillation losses.
         router: router name (``fixed``, ``similarity``, ``learnable``, ...).
         router_options: keyword options of the router (e.g. ``{"weights": [0.7, 0.3]}``).
-        layer_map: ``proportional`` or ``last`` (teacher layer for each student layer).
+        layer_map: teacher layer for each student layer: ``proportional`` (depth-proportional,
+            any shapes), ``last`` (the teacher's last L_s layers), or an explicit list of L_s
+            teacher layers; one value for every teacher, or a list with one per teacher (in
+            ``caches`` order), e.g. ``["proportional", "last", [0, 2, 4, 5]]``.
+        align_fit_rows: cached rows read per teacher to fit the fixed principal bases of the
+            projections that shrink a teacher space (see ``kvkd.train.align``).
         use_lora, lora_r, lora_alpha, lora_dropout, lora_targets: peft LoRA settings
             (CODI's defaults are r=128, alpha=32; r=16 keeps CPU runs small).
         latents: M continuous thoughts; 0 = the caches' slot budget M.
-        require_same_tokenizer: refuse caches whose tokenizer hashes differ.
+        require_same_tokenizer: refuse teachers whose tokenizer differs from the student's (or
+            from each other's). Off by default: latent distillation needs no token
+            correspondence; the run records which teachers share the student's tokenizer.
         dtype: student dtype; seed: RNG seed; num_workers / prefetch_factor: loader.
         log_every: steps between console progress callbacks; save_every: steps between
             checkpoints (0 = only at the end); keep_checkpoints: newest checkpoints kept.
         num_threads: torch CPU threads (0 = default); trust_remote_code: off unless asked.
+        device: ``auto`` (CUDA if visible), ``cpu`` or ``cuda[:N]`` (plain engine; DeepSpeed
+            puts each rank on its accelerator).
+        deepspeed: DeepSpeed JSON config path (ZeRO 1/2/3, offload, bf16); empty = one process
+            without DeepSpeed. See ``kvkd.train.engines``.
     """
 
     caches: list[str] = field(default_factory=list)
@@ -95,14 +113,15 @@ class TrainConfig:
     std_norm: bool = True
     router: str = "fixed"
     router_options: dict = field(default_factory=dict)
-    layer_map: str = "proportional"
+    layer_map: str | list = "proportional"
+    align_fit_rows: int = 256
     use_lora: bool = True
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     lora_targets: str = "all-linear"
     latents: int = 0
-    require_same_tokenizer: bool = True
+    require_same_tokenizer: bool = False
     dtype: str = "float32"
     seed: int = 0
     num_workers: int = 1
@@ -112,6 +131,8 @@ class TrainConfig:
     keep_checkpoints: int = 2
     num_threads: int = 0
     trust_remote_code: bool = False
+    device: str = "auto"
+    deepspeed: str = ""
 
 
 @dataclass
@@ -170,14 +191,33 @@ def build_student(spec: str, latents: int, cfg: TrainConfig, template: PromptTem
 
 
 def open_teachers(cfg: TrainConfig) -> tuple[list[CacheReader], list[dict]]:
-    """Open and cross-check the teacher caches (fingerprint, tokenizer hash, M)."""
+    """Open and cross-check the teacher caches.
+
+    They must agree on the data-set fingerprint (over text, so teachers with different
+    tokenizers combine), the slot budget M and the prompt layout; each must hold keys in a
+    position-free (pre-RoPE) frame, which may differ between families (``k_proj`` output,
+    or after a key norm). With ``require_same_tokenizer`` their tokenizer hashes must agree
+    too (the student's is checked in :func:`build_trainee`).
+
+    Raises:
+        kvkd.cache.errors.CacheMismatchError: names the field and every cache's value.
+        ValueError: no cache given.
+    """
     if not cfg.caches:
         raise ValueError("no teacher cache given: pass --cache PATH (repeat it for several teachers)")
     readers = [CacheReader.open(url) for url in cfg.caches]
-    fields = ["dataset.fingerprint", "compression.slots", "compression.key_frame", "prompt"]
+    named = [(url, r.metadata) for url, r in zip(cfg.caches, readers)]
+    check_compatible(named, fields=("dataset.fingerprint", "compression.slots", "prompt"))
     if cfg.require_same_tokenizer:
-        fields.append("tokenizer.hash")
-    check_compatible([(url, r.metadata) for url, r in zip(cfg.caches, readers)], fields=tuple(fields))
+        check_same_tokenizer((f"first teacher {named[0][0]}", named[0][1].get("tokenizer", {})), named[1:], "--require-same-tokenizer")
+    frames = {url: get_field(meta, "compression.key_frame") for url, meta in named}
+    moving = {url: f for url, f in frames.items() if not str(f).startswith("pre_rope")}
+    if moving:
+        raise CacheMismatchError(
+            f"teacher cache(s) hold keys in a position-dependent frame: {moving}; KV distillation compares keys before RoPE. Re-extract them with this kvkd",
+            "compression.key_frame",
+            frames,
+        )
     return readers, [r.metadata for r in readers]
 
 
@@ -214,6 +254,10 @@ class Trainee(torch.nn.Module):
         self.student = student
         self.aligners = torch.nn.ModuleList(aligners)
         self.router = router
+
+    def forward(self, batch: dict, cfg: "TrainConfig", step: int):
+        """:func:`distill_step` on this trainee (so an engine wrapping the whole trainee runs it)."""
+        return distill_step(self, batch, cfg, step)
 
     def checkpoint_state(self) -> dict[str, torch.Tensor]:
         """Trainable parameters + router buffers, by name (what a checkpoint stores)."""
@@ -302,7 +346,7 @@ def distill_step(trainee: Trainee, batch: dict, cfg: TrainConfig, step: int):
         kv_terms.append(kv_loss(out.keys, out.values, keys[-1], vals[-1], valid[-1], cfg.kv_loss, cfg.std_norm, slot_weights=slot_w[-1]))
         cka_terms.append(cka_loss(out.hidden, hid[-1]) if cfg.a3 else out.ce.new_zeros(()))
         feats.append(hid[-1][:, -1].detach())
-        nlls.append(t["answer_nll"])
+        nlls.append(t["answer_nll"].float() * t["answer_len"].float())  # nats of the whole answer: comparable across tokenizers
     codi = torch.stack(codi_terms, 1)  # (B, K)
     kv = torch.stack(kv_terms, 1)  # (B, K)
     cka = torch.stack(cka_terms)  # (K,)
@@ -311,7 +355,7 @@ def distill_step(trainee: Trainee, batch: dict, cfg: TrainConfig, step: int):
     router = trainee.router
     grads = None
     if router.needs_grads and not distill.requires_grad:  # a1 = a2 = 0: no distillation gradient to look at
-        grads = torch.zeros(distill.shape[0] if router.needs_grads == "activation" else 1, distill.shape[1], 1)
+        grads = distill.new_zeros(distill.shape[0] if router.needs_grads == "activation" else 1, distill.shape[1], 1)
     elif router.needs_grads == "activation":
         outputs = {"kv": [out.keys, out.values], "hidden": [out.hidden], "both": [out.keys, out.values, out.hidden]}[router.grad_space]
         grads = _per_sample_grads(distill, outputs)
@@ -353,41 +397,47 @@ def distill_step(trainee: Trainee, batch: dict, cfg: TrainConfig, step: int):
     return loss, logs
 
 
-def _save_checkpoint(run: Path, step: int, trainee: Trainee, opt, keep: int) -> Path:
-    final = run / "checkpoints" / f"step-{step:07d}"
-    tmp = run / "checkpoints" / f".tmp-step-{step:07d}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file(trainee.checkpoint_state(), str(tmp / "trainable.safetensors"))
-    torch.save(opt.state_dict(), tmp / "optimizer.pt")  # read back with weights_only=True
-    (tmp / "state.json").write_text(json.dumps({"step": step}))
-    shutil.rmtree(final, ignore_errors=True)
-    os.replace(tmp, final)  # a checkpoint folder exists only once complete
-    for old in sorted((run / "checkpoints").glob("step-*"))[: -max(keep, 1)]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
 def latest_checkpoint(run: Path) -> Path | None:
-    """Newest complete checkpoint folder of a run, or None."""
-    found = sorted((run / "checkpoints").glob("step-*")) if (run / "checkpoints").is_dir() else []
+    """Newest complete checkpoint folder of a run (``state.json`` is written last), or None."""
+    found = sorted(p for p in (run / "checkpoints").glob("step-*") if (p / "state.json").is_file()) if (run / "checkpoints").is_dir() else []
     return found[-1] if found else None
 
 
 def build_trainee(cfg: TrainConfig, metas: list[dict]) -> Trainee:
-    """Student + aligners + router for a config and its caches' metadata."""
+    """Student + one aligner per teacher + router for a config and its caches' metadata.
+
+    Each teacher gets its layer map (``cfg.layer_map``, one for all or one per teacher) and,
+    where its shapes differ from the student's, projections whose fixed bases are fitted on
+    its first ``cfg.align_fit_rows`` cached rows. ``trainee.teachers`` holds the per-teacher
+    record written into ``config.json``.
+
+    Raises:
+        ValueError: latents != M, or a layer map that does not fit a teacher (names it).
+        kvkd.cache.errors.CacheMismatchError: ``require_same_tokenizer`` and a teacher whose
+            tokenizer differs from the student's (names the teacher and what differs).
+    """
     latents = cfg.latents or metas[0]["compression"]["slots"]
     if latents != metas[0]["compression"]["slots"]:
         raise ValueError(f"--latents {latents} differs from the caches' slot budget M={metas[0]['compression']['slots']}")
     student = build_student(cfg.student, latents, cfg)
+    urls = list(cfg.caches)
+    if cfg.require_same_tokenizer:
+        check_same_tokenizer((f"student {cfg.student}", student.tokenizer_identity), list(zip(urls, metas)), "--require-same-tokenizer")
     s_shape = Shape(student.num_layers, student.num_kv_heads, student.head_dim, student.hidden_size)
+    specs = layer_maps_per_teacher(cfg.layer_map, len(metas))
     aligners = []
-    for meta in metas:
-        lay = meta["layout"]
-        t_shape = Shape(lay["num_layers"], lay["num_kv_heads"], lay["head_dim"], lay["hidden_size"])
-        aligners.append(TeacherAligner(t_shape, s_shape, layer_map(t_shape.num_layers, s_shape.num_layers, cfg.layer_map)))
+    for url, meta, spec in zip(urls, metas, specs):
+        t_shape = Shape.from_layout(meta["layout"])
+        try:
+            mapping = layer_map(t_shape.num_layers, s_shape.num_layers, spec)
+        except ValueError as err:
+            raise ValueError(f"teacher {url}: {err}") from None
+        samples = fit_samples(CacheReader.open(url), cfg.align_fit_rows) if needs_fit(t_shape, s_shape) else None
+        aligners.append(TeacherAligner(t_shape, s_shape, mapping, samples))
     router = build_router(cfg.router, len(metas), student.hidden_size, cfg.router_options)
-    return Trainee(student, aligners, router)
+    trainee = Trainee(student, aligners, router)
+    trainee.teachers = describe_teachers(urls, metas, student.tokenizer_identity, aligners, specs)
+    return trainee
 
 
 FUSIONS = ("loss", "target")
@@ -414,9 +464,15 @@ def check_options(cfg: TrainConfig) -> None:
 def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) -> TrainSummary:
     """Train a latent student against teacher caches; resumes from the newest checkpoint.
 
+    With ``cfg.deepspeed`` every rank runs this function (launched by ``deepspeed`` or
+    ``torchrun``): each reads only its rows of every global batch; rank 0 alone writes the
+    config, the log, the summary and calls ``on_step`` (logged values are means over the
+    global batch).
+
     Raises:
         kvkd.cache.errors.CacheMismatchError: caches disagree with each other or the data.
-        ValueError: bad options (no caches, no run folder, latents != M).
+        ValueError: bad options (no caches, no run folder, latents != M, batch not splittable
+            over the ranks, a checkpoint of the other engine).
     """
     if not cfg.out:
         raise ValueError("no run folder given: pass --out RUN_DIR")
@@ -426,75 +482,74 @@ def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) ->
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.manual_seed(cfg.seed)
     run = Path(cfg.out)
-    run.mkdir(parents=True, exist_ok=True)
     readers, metas = open_teachers(cfg)
     examples = load_training_examples(cfg, metas[0])
-    trainee = build_trainee(cfg, metas)
+    trainee = build_trainee(cfg, metas)  # same seed on every rank: identical initial weights
     tok = trainee.student.tokenizer
-    resolved = asdict(cfg)
-    resolved["teachers"] = [{"cache": url, "teacher": m["teacher"].get("spec"), "trace": m["dataset"].get("trace"), "tokenizer_shared_with_student": m["tokenizer"]["hash"] == trainee.student.tokenizer_identity["hash"]} for url, m in zip(cfg.caches, metas)]
-    resolved["latents"] = trainee.student.num_latents
-    resolved["layer_maps"] = [a.mapping.tolist() for a in trainee.aligners]
-    (run / "config.json").write_text(json.dumps(resolved, indent=2))
-
     if trainee.router.needs_dataset_nll:  # e.g. difficulty bins: cached NLL of every training row
-        trainee.router.prepare(torch.stack([torch.from_numpy(r.column("answer_nll")) for r in readers], 1))
-    skip = {id(p) for p in trainee.router.parameters()} if trainee.router.trains_itself else set()
-    params = [p for p in trainee.parameters() if p.requires_grad and id(p) not in skip]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / max(1, cfg.warmup_steps), max(0.0, (cfg.steps - s) / max(1, cfg.steps - cfg.warmup_steps)))
-    )
+        trainee.router.prepare(torch.stack([torch.from_numpy(r.column("answer_nll") * r.column("answer_len")) for r in readers], 1))
+    engine = build_engine(trainee, cfg)
+    check_batches_split(len(examples), cfg.batch_size, engine.world_size)
+    lead = engine.rank == 0
+    if lead:
+        run.mkdir(parents=True, exist_ok=True)
+        resolved = asdict(cfg)
+        resolved["teachers"] = trainee.teachers  # shapes, layer maps, projections, tokenizer shared or not
+        resolved["student_shape"] = {"num_layers": trainee.student.num_layers, "num_kv_heads": trainee.student.num_kv_heads, "head_dim": trainee.student.head_dim, "hidden_size": trainee.student.hidden_size}
+        resolved["student_tokenizer"] = {k: trainee.student.tokenizer_identity.get(k) for k in ("source", "vocab_size", "hash")}
+        resolved["latents"] = trainee.student.num_latents
+        resolved["layer_maps"] = [a.mapping.tolist() for a in trainee.aligners]
+        resolved["engine"] = asdict(engine.info)
+        (run / "config.json").write_text(json.dumps(resolved, indent=2))
+    engine.barrier()
+
     start = 0
     ckpt = latest_checkpoint(run)
     if ckpt is not None:
-        trainee.load_checkpoint_state(load_file(str(ckpt / "trainable.safetensors")))
-        opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True))
-        start = json.loads((ckpt / "state.json").read_text())["step"]
-        for _ in range(start):
-            sched.step()
+        start = engine.load(ckpt)
     dataset = DistillDataset(examples, tok, cfg.caches)
+    global_batches = list(_batches(len(dataset), cfg.batch_size, cfg.seed, start, cfg.steps))
+    shares = [rank_rows(rows, engine.rank, engine.world_size) for rows in global_batches]  # this rank's rows
     loader = DataLoader(
         dataset,
-        batch_sampler=list(_batches(len(dataset), cfg.batch_size, cfg.seed, start, cfg.steps)),
+        batch_sampler=[rows for rows, _ in shares],
         collate_fn=functools.partial(collate, pad_id=tok.pad_token_id),  # picklable for spawn/forkserver workers
         num_workers=cfg.num_workers,
         prefetch_factor=cfg.prefetch_factor if cfg.num_workers > 0 else None,
         persistent_workers=False,
     )
-    trainee.train()
+    engine.module.train()
     t0 = time.perf_counter()
     last = time.perf_counter()
     step_times, logs, seen = [], None, 0
     log_path = run / "log.jsonl"
-    if log_path.exists():  # keep the steps the checkpoint covers; later ones are redone
+    if lead and log_path.exists():  # keep the steps the checkpoint covers; later ones are redone
         kept = [line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start]
         log_path.write_text("".join(line + "\n" for line in kept))
     weight_sums = torch.zeros(len(cfg.caches))
-    with open(log_path, "a") as log:
-        for step, batch in zip(range(start, cfg.steps), loader):
+    with open(log_path, "a") if lead else contextlib.nullcontext() as log:
+        for step, batch, (_, scale) in zip(range(start, cfg.steps), loader, shares):
             torch.manual_seed(cfg.seed * 100003 + step)  # dropout etc. reproducible on resume
-            loss, logs = distill_step(trainee, batch, cfg, step)
-            lr = sched.get_last_lr()[0]  # the rate this step uses
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            sched.step()
+            with engine.autocast():
+                loss, logs = engine(to_device(batch, engine.device), cfg, step)
+            lr = engine.lr()  # the rate this step uses
+            engine.backward_step(loss * scale)
+            logs = _global_logs(engine, logs, len(batch["index"]))
             now = time.perf_counter()
-            entry = StepLog(step=step + 1, lr=lr, step_s=now - last, examples_per_s=len(batch["index"]) / (now - last), **logs)
+            entry = StepLog(step=step + 1, lr=lr, step_s=now - last, examples_per_s=len(global_batches[step - start]) / (now - last), **logs)
             last = now
             step_times.append(entry.step_s)
-            seen += len(batch["index"])
+            seen += len(global_batches[step - start])
             weight_sums += torch.tensor(entry.weights)
-            log.write(json.dumps(asdict(entry)) + "\n")
-            log.flush()
-            if on_step and (entry.step % cfg.log_every == 0 or entry.step == cfg.steps):
-                on_step(entry)
+            if lead:
+                log.write(json.dumps(asdict(entry)) + "\n")
+                log.flush()
+                if on_step and (entry.step % cfg.log_every == 0 or entry.step == cfg.steps):
+                    on_step(entry)
             if cfg.save_every and entry.step % cfg.save_every == 0 and entry.step < cfg.steps:
-                _save_checkpoint(run, entry.step, trainee, opt, cfg.keep_checkpoints)
+                engine.save(run, entry.step, cfg.keep_checkpoints)
     if cfg.steps > start:
-        _save_checkpoint(run, cfg.steps, trainee, opt, cfg.keep_checkpoints)
+        engine.save(run, cfg.steps, cfg.keep_checkpoints)
     summary = TrainSummary(
         run_dir=str(run),
         steps=cfg.steps,
@@ -507,12 +562,34 @@ def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) ->
         teachers=list(cfg.caches),
         mean_weights=(weight_sums / max(1, len(step_times))).tolist(),
     )
-    (run / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
+    if lead:
+        (run / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
+    engine.barrier()
     return summary
+
+
+def _global_logs(engine, logs: dict, rows: int) -> dict:
+    """Step logs as means over the global batch: every float and list of floats is averaged over
+    the ranks, each weighted by its rows; other entries (router stats) are rank 0's."""
+    if engine.world_size == 1:
+        return logs
+    keys = [k for k, v in logs.items() if isinstance(v, float) or (isinstance(v, list) and all(isinstance(x, float) for x in v))]
+    sizes = [len(logs[k]) if isinstance(logs[k], list) else 1 for k in keys]
+    flat = torch.tensor([x for k in keys for x in (logs[k] if isinstance(logs[k], list) else [logs[k]])], dtype=torch.float64)
+    mean = engine.all_mean(flat, float(rows)).tolist()
+    out, i = dict(logs), 0
+    for k, n in zip(keys, sizes):
+        out[k] = mean[i : i + n] if isinstance(logs[k], list) else mean[i]
+        i += n
+    return out
 
 
 def load_run(run_dir: str | Path):
     """Rebuild a run's trained student (for ``kvkd eval``) from its config and newest checkpoint.
+
+    Only the student is rebuilt: the checkpoint's ``aligners.*`` (teacher projections) and
+    ``router.*`` tensors are training-only and are not part of the exported student; no
+    cache is opened, so a run evaluates without its teachers' caches.
 
     Returns:
         (LatentStudent in eval mode, resolved config dict).

@@ -81,3 +81,20 @@ def test_generate_is_greedy_and_bounded(student):
     assert len(gen) == 2 and all(len(g) <= 4 for g in gen)
     again = student.generate(b["q_ids"], b["q_mask"], prompt, max_new_tokens=4)
     assert gen == again
+
+
+def test_latent_token_rows_are_the_same_at_every_load(tiny_student):
+    """The resized embedding rows of <|bot|>/<|eot|> are not checkpointed: a rebuilt student
+    (kvkd eval of a run folder) must draw them exactly as the training run did."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from kvkd.train.student import add_latent_tokens
+
+    rows = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)  # whatever the global RNG holds
+        lm = AutoModelForCausalLM.from_pretrained(tiny_student)
+        tok = AutoTokenizer.from_pretrained(tiny_student)
+        add_latent_tokens(lm, tok)
+        rows.append(lm.get_input_embeddings().weight[-2:].detach().clone())
+    assert torch.equal(rows[0], rows[1])

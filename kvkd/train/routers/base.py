@@ -52,7 +52,9 @@ class RouterInputs:
             student's space, detached.
         losses: (B, K) per-teacher distillation loss of each sample (a1*L_CODI + a2*L_KV),
             with its graph (routers must not backpropagate through it unless they mean to).
-        teacher_nll: (B, K) each teacher's cached NLL of the gold answer, nats/token.
+        teacher_nll: (B, K) each teacher's cached NLL of the whole gold answer, in nats (the
+            cached per-token mean times the answer's token count: teachers with different
+            tokenizers split the answer differently, so only the total is comparable).
         step: the optimiser step (0-based).
         student_ce: (B,) the student's own answer-text cross-entropy per sample, detached
             (nats/token); None when the trainer has none.
@@ -102,7 +104,7 @@ class Router(nn.Module):
 
     def prepare(self, teacher_nll: torch.Tensor) -> None:
         """Called once before training when ``needs_dataset_nll``: (N, K) cached NLL of every
-        training row (nats/token). Must be deterministic: a resumed run calls it again."""
+        training row's whole gold answer (nats). Must be deterministic: a resumed run calls it again."""
 
     def uniform(self, batch: int, device=None) -> torch.Tensor:
         """(B, K) uniform weights."""

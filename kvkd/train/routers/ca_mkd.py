@@ -2,8 +2,9 @@
 "Confidence-Aware Multi-Teacher Knowledge Distillation").
 
 Per sample, ``w_k = (1 - softmax_k(CE_k)) / (K - 1)`` with ``CE_k`` teacher k's loss on the
-ground truth. Here ``CE_k`` is the teacher's NLL of the gold answer stored in its cache
-(nats/token), so a teacher that would have answered the sample badly gets less weight. With a
+ground truth. Here ``CE_k`` is the teacher's NLL of the whole gold answer from its cache
+(nats; the per-token mean times the answer's token count, so teachers with different
+tokenizers compare), so a teacher that would have answered the sample badly gets less weight. With a
 single teacher the weight is 1.
 """
 

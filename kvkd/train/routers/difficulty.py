@@ -70,7 +70,7 @@ class DifficultyRouter(Router):
         self.estimator_weight, self.entropy_weight = estimator_weight, entropy_weight
         self.estimator = nn.Sequential(nn.LayerNorm(feature_dim), nn.Linear(feature_dim, hidden), nn.GELU(), nn.Linear(hidden, bins))
         self.capability = nn.Parameter(torch.zeros(bins, num_teachers), requires_grad=learnable_capability)
-        self.register_buffer("edges", torch.zeros(max(bins - 1, 0)))  # difficulty bin edges (nats/token)
+        self.register_buffer("edges", torch.zeros(max(bins - 1, 0)))  # difficulty bin edges (nats per answer)
         self._logits: torch.Tensor | None = None
 
     def difficulty_bin(self, teacher_nll: torch.Tensor) -> torch.Tensor:
