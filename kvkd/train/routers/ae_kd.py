@@ -14,8 +14,9 @@ one-class SVM dual with parameter nu, default 0.6), ``w_k ∝ alpha_k / ||g_k||`
 vector per batch, as in the paper. ``nu`` is clipped to [1/K, 1] (``nu = 1/K`` is plain MGDA,
 no bound; ``nu = 1`` forces uniform weights).
 
-The QP is solved by projected gradient descent onto the capped simplex (K is small; 500
-iterations, exact projection by bisection), deterministic and dependency-free.
+The QP is solved by projected gradient descent onto the capped simplex (K is small: at most
+500 iterations in float64 on the host, exact projection by bisection), deterministic and
+dependency-free.
 
 Note the method's intent: the min-norm point favours teachers whose (normalised) gradients
 are not already covered by others, and the ``1/||g||`` rescaling favours teachers the
@@ -25,30 +26,31 @@ student is already close to. A teacher that conflicts with the others is *not* d
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from kvkd.train.routers.base import ROUTERS, Router, RouterInputs, _check_grad_space
 
 
-def _project_capped_simplex(v: torch.Tensor, cap: float) -> torch.Tensor:
+def _project_capped_simplex(v: np.ndarray, cap: float) -> np.ndarray:
     """Euclidean projection of (K,) v onto {x : sum x = 1, 0 <= x <= cap} (bisection on the shift)."""
     lo, hi = float(v.min()) - 1.0, float(v.max())
     for _ in range(60):
         mid = 0.5 * (lo + hi)
-        if float((v - mid).clamp(0, cap).sum()) > 1:
+        if np.clip(v - mid, 0, cap).sum() > 1:
             lo = mid
         else:
             hi = mid
-    return (v - 0.5 * (lo + hi)).clamp(0, cap)
+    return np.clip(v - 0.5 * (lo + hi), 0, cap)
 
 
-def min_norm_weights(grads: torch.Tensor, nu: float = 0.6, iters: int = 500) -> torch.Tensor:
+def min_norm_weights(grads: torch.Tensor, nu: float = 0.6, iters: int = 500, tol: float = 1e-12) -> torch.Tensor:
     """AE-KD weights for one batch.
 
     Args:
         grads: (K, P) per-teacher gradients (batch means), any float dtype.
         nu: tolerance parameter; the cap is 1 / (K * nu), nu clipped to [1/K, 1].
-        iters: projected-gradient iterations.
+        iters: projected-gradient iterations at most (stops earlier once alpha moves < tol).
     Returns:
         (K,) float64 weights, non-negative, summing to 1.
     """
@@ -60,12 +62,16 @@ def min_norm_weights(grads: torch.Tensor, nu: float = 0.6, iters: int = 500) -> 
     nu = min(max(nu, 1.0 / K), 1.0)
     cap = 1.0 / (K * nu)
     gh = g / norms[:, None]
-    G = gh @ gh.T  # (K, K) Gram of unit gradients
-    step = 1.0 / max(float(torch.linalg.eigvalsh(G).max()), 1e-12)
-    alpha = torch.full((K,), 1.0 / K, dtype=torch.float64)
+    G = (gh @ gh.T).cpu().numpy()  # (K, K) Gram of unit gradients: the QP is tiny, solve it on the host
+    step = 1.0 / max(float(np.linalg.eigvalsh(G).max()), 1e-12)
+    alpha = np.full(K, 1.0 / K)
     for _ in range(iters):
-        alpha = _project_capped_simplex(alpha - step * (G @ alpha), cap)
-    w = alpha / norms
+        new = _project_capped_simplex(alpha - step * (G @ alpha), cap)
+        done = np.abs(new - alpha).max() < tol
+        alpha = new
+        if done:
+            break
+    w = torch.from_numpy(alpha).to(norms.device) / norms
     return w / w.sum()
 
 
