@@ -29,6 +29,7 @@ import contextlib
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -171,8 +172,10 @@ class PlainEngine:
         self.module.load_checkpoint_state(load_file(str(ckpt / "trainable.safetensors"), device=str(self.device)))
         self.opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location=self.device))
         start = json.loads((ckpt / "state.json").read_text())["step"]
-        for _ in range(start):
-            self.sched.step()
+        with warnings.catch_warnings():  # replaying the schedule before this run's first optimiser step is intended
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before `optimizer.step()`")
+            for _ in range(start):
+                self.sched.step()
         return start
 
     def all_mean(self, values: torch.Tensor, weight: float) -> torch.Tensor:
