@@ -173,7 +173,7 @@ class PlainEngine:
         self.opt.load_state_dict(torch.load(ckpt / "optimizer.pt", weights_only=True, map_location=self.device))
         start = json.loads((ckpt / "state.json").read_text())["step"]
         with warnings.catch_warnings():  # replaying the schedule before this run's first optimiser step is intended
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before `optimizer.step()`")
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
             for _ in range(start):
                 self.sched.step()
         return start
