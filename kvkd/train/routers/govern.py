@@ -11,10 +11,12 @@ is taken per output element and then per teacher:
 
 1. ``s[b, k, e] = sign(g[b, k, e])``: the orientation teacher k asks of element e.
 2. ``maj[b, e] = sign(sum_k s[b, k, e])``: the majority orientation of element e.
-3. Contested elements: those where the teachers do not all agree and the majority is not a
-   tie (``maj != 0``). Unanimous elements say nothing about who is in the minority, tied ones
-   have no majority.
-4. ``agree[b, k]`` = share of the contested elements where teacher k follows the majority.
+3. Contested elements: those where some teachers ask for + and some for -, and the majority
+   is not a tie (``maj != 0``). Unanimous elements say nothing about who is in the minority,
+   tied ones have no majority. A zero gradient is an abstention, not a vote (an empty slot of
+   one teacher, for instance): it neither contests an element nor counts against a teacher.
+4. ``agree[b, k]`` = share of the contested elements teacher k votes on where it follows the
+   majority.
    Teacher k is in the majority for sample b when ``agree[b, k] >= threshold`` (0.5: it sides
    with the majority on at least half of the contested elements).
 5. ``w[b] = kept[b] / sum(kept[b])``.
@@ -40,18 +42,20 @@ def govern_weights(grads: torch.Tensor, threshold: float = 0.5) -> tuple[torch.T
 
     Args:
         grads: (B, K, P) float gradients of each teacher's loss w.r.t. the student's outputs.
-        threshold: share of contested elements a teacher must side with the majority on.
+            A zero entry is an abstention (e.g. a slot that is empty for that teacher).
+        threshold: share of the contested elements it votes on that a teacher must side with
+            the majority on.
     Returns:
         weights (B, K) float32 (uniform over the kept teachers), agreement (B, K) float32 in
-        [0, 1] (1 where a sample has no contested element).
+        [0, 1] (1 where a teacher votes on no contested element).
     """
     s = torch.sign(grads.float())  # (B, K, P)
-    total = s.sum(1)  # (B, P)
-    maj = torch.sign(total)  # (B, P)
-    unanimous = total.abs() == grads.shape[1]
-    contested = (~unanimous) & (maj != 0)  # (B, P)
-    n = contested.sum(-1, keepdim=True).float()  # (B, 1)
-    follow = ((s == maj[:, None]) & contested[:, None]).sum(-1).float()  # (B, K)
+    pos, neg = (s > 0).sum(1), (s < 0).sum(1)  # (B, P) votes each way
+    maj = torch.sign(pos - neg).float()  # (B, P); 0 = tie
+    contested = (pos > 0) & (neg > 0) & (maj != 0)  # (B, P)
+    voted = (s != 0) & contested[:, None]  # (B, K, P)
+    n = voted.sum(-1).float()  # (B, K)
+    follow = ((s == maj[:, None]) & voted).sum(-1).float()  # (B, K)
     agree = torch.where(n > 0, follow / n.clamp(min=1), torch.ones_like(follow))
     kept = (agree >= threshold).float()
     kept = torch.where(kept.sum(-1, keepdim=True) > 0, kept, torch.ones_like(kept))

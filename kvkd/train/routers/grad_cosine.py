@@ -7,6 +7,9 @@ the others, itself included); ``w = softmax(r / T)``; optional EMA momentum
 ``w <- beta * w_ema + (1 - beta) * w`` with ``w_ema`` the running mean of the batch-mean
 weights (a buffer, saved in checkpoints).
 
+With two teachers the weights are always uniform: the cosine matrix is symmetric, so both
+row sums equal ``1 + cos(g_1, g_2)``. The router discriminates from K = 3 on.
+
 Gradient space (``space``):
 - ``activation`` (default, cheap): per sample, gradients w.r.t. the student's outputs (KV
   entries at the latent positions and/or boundary hidden states, ``outputs``); weights differ

@@ -40,6 +40,16 @@ def test_govern_ties_and_unanimity_keep_everyone():
     assert torch.allclose(govern_weights(same)[0], torch.full((1, 3), 1 / 3))
 
 
+def test_govern_zero_gradients_abstain():
+    # teacher 1 has no opinion on element 1 (say, an empty slot): not a disagreement
+    g = torch.tensor([[[1.0, 0.0], [1.0, 1.0]]])
+    assert torch.equal(govern_weights(g)[0], torch.tensor([[0.5, 0.5]]))
+    # three teachers: teacher 3 abstains on element 0, is outvoted on element 1 -> agreement 0
+    g = torch.tensor([[[1.0, 1.0], [1.0, 1.0], [0.0, -1.0]]])
+    w, agree = govern_weights(g)
+    assert torch.equal(agree, torch.tensor([[1.0, 1.0, 0.0]])) and torch.equal(w, torch.tensor([[0.5, 0.5, 0.0]]))
+
+
 def test_govern_votes_per_sample_and_threshold():
     g = torch.tensor([
         [[1.0, 1.0], [1.0, 1.0], [-1.0, -1.0]],  # teacher 3 in the minority
