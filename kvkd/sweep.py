@@ -331,12 +331,13 @@ def _plot_grid(out: Path, rows: list[dict], seeds: list[int]) -> tuple[str, str]
         log = runs[0]
         for k in range(len(log[0]["weights"])):
             ax.plot([e["step"] for e in log], [e["weights"][k] for e in log], label=f"teacher {k}")
-        ax.set(title=name, ylim=(0, 1), xlabel="step")
+        ax.set(title=name, ylim=(-0.03, 1.03), xlabel="step")
         ax.title.set_fontsize(9)
     for ax in list(axes.flat)[len(logs):]:
         ax.axis("off")
-    if logs:
-        axes.flat[0].legend(fontsize=7)
+    if logs:  # one legend, on a panel with the most teachers
+        widest = max(range(len(logs)), key=lambda i: len(list(logs.values())[i][0][0]["weights"]))
+        axes.flat[widest].legend(fontsize=7)
     fig.suptitle(f"router weight per teacher (batch mean), seed {seeds[0]}")
     fig.tight_layout()
     fig.savefig(out / "weights.png", dpi=100)
