@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -150,8 +151,11 @@ class CacheWriter:
         attrs = {**meta, **header, "kvkd_version": kvkd.__version__, "created": now_iso(), "status": "incomplete"}
         try:
             group = zarr.open_group(target, mode="w" if overwrite else "w-", attributes=attrs, zarr_format=3)
-        except zarr.errors.ContainsGroupError:  # another writer created it a moment ago
-            existing = _open_existing(target)
+        except (zarr.errors.ContainsGroupError, FileExistsError):  # another writer is creating it right now
+            existing = _wait_for_group(target)
+            if existing is None:
+                raise CacheError(f"{url} appeared while this writer was creating it, but is still not a Zarr group after "
+                                 f"{_CREATE_WAIT_S:.0f} s: another process may have died while creating it; remove it and retry") from None
             _check_same(url, existing.attrs.asdict(), header, meta)
             group = existing
         return cls(url, group, layout, codec, compressor)
@@ -318,10 +322,29 @@ def _open_existing(url: str) -> zarr.Group | None:
         return None
 
 
+_CREATE_WAIT_S = 30.0
+
+
+def _wait_for_group(url: str) -> zarr.Group | None:
+    """The group another writer is creating at ``url``, once its ``zarr.json`` exists (or None)."""
+    deadline = time.monotonic() + _CREATE_WAIT_S
+    while True:
+        existing = _open_existing(url)
+        if existing is not None or time.monotonic() > deadline:
+            return existing
+        time.sleep(0.05)
+
+
 def _refuse_foreign_directory(claims_dir: Path | None) -> None:
-    """Never create in (or wipe) a local non-empty directory that is not a Zarr group."""
+    """Never create in (or wipe) a local non-empty directory that is not a Zarr group (our own
+    claims folder, which a concurrent writer may create first, does not count)."""
     root = claims_dir.parent if claims_dir is not None else None
-    if root is not None and root.is_dir() and not (root / "zarr.json").exists() and any(root.iterdir()):
+    if root is None or not root.is_dir() or (root / "zarr.json").exists():
+        return
+    if not any(p.name != claims_dir.name for p in root.iterdir()):
+        return
+    being_created = claims_dir.is_dir() or time.time() - root.stat().st_mtime < 10  # by a concurrent writer
+    if not being_created or _wait_for_group(str(root)) is None:
         raise CacheError(f"{root} exists and is not a kvkd cache; choose another path")
 
 

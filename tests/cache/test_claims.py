@@ -103,3 +103,22 @@ def test_parallel_writers_on_disjoint_parts(url):
     for k in ("slot_pos", "slot_valid", "cot_len", "answer_nll"):
         np.testing.assert_array_equal(out[k], rows[k])
     np.testing.assert_array_equal(out["keys"], rows["keys"].astype(np.float16).astype(np.float32))
+
+
+_OPENER = """
+import sys
+from kvkd.cache import CacheWriter
+from tests.cache.helpers import METADATA, TINY
+CacheWriter.open(sys.argv[1], TINY, METADATA)
+"""
+
+
+def test_writers_creating_one_store_at_once_all_succeed(tmp_path):
+    """Ranks start together: whichever creates the store first, the others join it (this raced
+    into FileExistsError before: ~5% of processes under load)."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    for round_ in range(4):
+        url = str(tmp_path / f"r{round_}.zarr")
+        procs = [subprocess.Popen([sys.executable, "-c", _OPENER, url], env=env, cwd=REPO, stderr=subprocess.PIPE) for _ in range(3)]
+        codes = [p.wait(timeout=60) for p in procs]
+        assert codes == [0, 0, 0], [p.stderr.read().decode()[-300:] for p in procs]
