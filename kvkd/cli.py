@@ -240,7 +240,7 @@ def train(
     student: Optional[str] = typer.Option(None, help=f"Student: smollm2, a .gguf, a folder or a hub id. {_d(TrainConfig, 'student')}"),
     data: Optional[str] = typer.Option(None, help="Training data [default: the data set recorded in the caches]."),
     split: Optional[str] = typer.Option(None, help="Split of --data."),
-    data_format: Optional[str] = typer.Option(None, "--format", help="Format of --data (auto, jsonl, gsm8k, icot, svamp, hf)."),
+    data_format: Optional[str] = typer.Option(None, "--format", help="Format of --data (auto, jsonl, gsm8k, icot, svamp, multiarith, math, gsmhard, hf)."),
     offset: Optional[int] = typer.Option(None, help="First row of --data [default: the caches']."),
     limit: Optional[int] = typer.Option(None, help="Rows of --data [default: the caches']."),
     steps: Optional[int] = typer.Option(None, help=f"Optimiser steps. {_d(TrainConfig, 'steps')}"),
@@ -316,7 +316,7 @@ def eval_cmd(
     latents: Optional[int] = typer.Option(None, help=f"M for --untrained. {_d(EvalConfig, 'latents')}"),
     data: Optional[str] = typer.Option(None, help="Evaluation data (file, folder with --split, or hub name)."),
     split: Optional[str] = typer.Option(None, help="Split of --data."),
-    data_format: Optional[str] = typer.Option(None, "--format", help="Format of --data (auto, jsonl, gsm8k, icot, svamp, hf)."),
+    data_format: Optional[str] = typer.Option(None, "--format", help="Format of --data (auto, jsonl, gsm8k, icot, svamp, multiarith, math, gsmhard, hf)."),
     offset: Optional[int] = typer.Option(None, help=f"First row. {_d(EvalConfig, 'offset')}"),
     limit: Optional[int] = typer.Option(None, help="Rows evaluated [default: all]."),
     batch_size: Optional[int] = typer.Option(None, help=f"Examples per decoding batch. {_d(EvalConfig, 'batch_size')}"),
@@ -490,6 +490,9 @@ def sweep(
         def on_cell(row, seed, status):
             console.print(f"[bold cyan]>>[/] {row} seed {seed}: {status}")
 
+        import signal
+
+        signal.signal(signal.SIGTERM, signal.default_int_handler)  # kill -TERM stops the running cell too
         result = run_sweep(cfg, on_cell=on_cell)
     except (ValueError, KeyError, TypeError, ConfigError, FileNotFoundError, RuntimeError) as err:
         _fail(err)

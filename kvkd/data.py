@@ -298,7 +298,7 @@ def _json_list(path: Path) -> list:
 
 def _detect(path: Path) -> str:
     """Pick the format of a file from its suffix and first row."""
-    hint = f"pass fmt= one of {', '.join(FORMATS[:-1])}"
+    hint = f"give the format (--format on the command line, fmt= in Python): one of {', '.join(FORMATS[:-1])}"
     if path.suffix == ".json":
         data = _json_list(path)
         first = data[0] if data and isinstance(data[0], dict) else {}
@@ -431,8 +431,8 @@ def load_examples(
                 raise _RowError(f"duplicate id {example.id!r}")
         except _RowError as e:
             if on_bad_row == "raise":
-                raise DataError(f"{where}, row {row} (fmt={fmt}): {e}. Fix the row, or pass "
-                                "on_bad_row='report' to skip bad rows and list them") from None
+                raise DataError(f"{where}, row {row} (format {fmt}): {e}. Fix the row (or, from Python, "
+                                "pass on_bad_row='report' to skip bad rows and list them)") from None
             problems.append(RowProblem(row, str(e)))
             continue
         seen.add(example.id)

@@ -120,7 +120,7 @@ def load_grid(grid: str) -> list[dict]:
         ValueError: unknown grid, a file that is not a list of rows, duplicate or missing
             names, ``teachers`` other than all/first, or a training option that does not exist.
     """
-    from kvkd.train.trainer import TrainConfig
+    from kvkd.train.trainer import TrainConfig, check_router_options
 
     if grid in GRIDS:
         rows = GRIDS[grid]
@@ -149,7 +149,13 @@ def load_grid(grid: str) -> list[dict]:
             raise ValueError(f"grid {grid}, row {name}: teachers must be 'all' or 'first', got {r.get('teachers')!r}")
         bad = set(r.get("train", {})) - known
         if bad:
-            raise ValueError(f"grid {grid}, row {name}: unknown training options {sorted(bad)}; see `kvkd train --help`")
+            raise ValueError(f"grid {grid}, row {name}: unknown training options {sorted(bad)}; use TrainConfig's field names "
+                             "(the `kvkd train` flags with _ for -, e.g. kv_weighting)")
+        train_opts = r.get("train", {})
+        try:
+            check_router_options(train_opts.get("router", "fixed"), train_opts.get("router_options"), 0)
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"grid {grid}, row {name}: {str(err).strip(chr(34))}") from None
     return rows
 
 
@@ -186,6 +192,13 @@ def _cell_configs(cfg: SweepConfig, row: dict, seed: int, cell_dir: Path):
 def _run_cell(cfg_json: str, row_json: str, seed: int, cell_dir: str) -> None:
     """Subprocess body: train one cell, measure it, evaluate it, write cell.json atomically."""
     import resource
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):  # die with the sweep, even if it is killed outright
+        import ctypes
+
+        ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
     import torch
 
@@ -236,6 +249,12 @@ def run_sweep(cfg: SweepConfig, on_cell: Callable[[str, int, str], None] | None 
         if unknown:
             raise ValueError(f"rows {sorted(unknown)} are not in grid {cfg.grid}; its rows: {[r['name'] for r in rows]}")
         rows = [r for r in rows if r["name"] in cfg.rows]
+    for name, path, _ in _eval_sets(cfg):
+        if "://" not in path and not Path(path).exists():
+            raise ValueError(f"eval set {name}: {path} does not exist (give a file or a data-set folder, e.g. --eval gsm8k=PATH/TO/gsm8k)")
+    for c in cfg.caches:
+        if "://" not in c and not Path(c).exists():
+            raise ValueError(f"teacher cache {c} does not exist")
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps({"config": asdict(cfg), "rows": rows}, indent=2))
@@ -251,7 +270,12 @@ def run_sweep(cfg: SweepConfig, on_cell: Callable[[str, int, str], None] | None 
             cell.mkdir(parents=True, exist_ok=True)
             proc = ctx.Process(target=_run_cell, args=(json.dumps(asdict(cfg)), json.dumps(row), seed, str(cell)))
             proc.start()
-            proc.join()
+            try:
+                proc.join()
+            finally:  # interrupted: never leave a cell training on its own (a rerun would train it twice)
+                if proc.is_alive():
+                    proc.terminate()
+                    proc.join(30)
             if proc.exitcode != 0 or not (cell / "cell.json").is_file():
                 raise RuntimeError(f"sweep cell {row['name']} seed {seed} failed (exit code {proc.exitcode}); its run folder is {cell}. "
                                    "Rerun the same command to resume after fixing the cause.")

@@ -241,7 +241,7 @@ def test_gsm8k_and_icot_test_sets_share_a_fingerprint():
 def test_bad_rows_raise_with_file_and_row(tmp_path):
     good = _gsm8k_line("Q1?", "1+1 = <<1+1=2>>2\n#### 2")
     path = _write(tmp_path / "g.jsonl", [good, "", '{"question": "Q2?", "answer": ', good])
-    with pytest.raises(DataError, match=rf"{path}, row 3 \(fmt=gsm8k\): invalid JSON.*on_bad_row='report'"):
+    with pytest.raises(DataError, match=rf"{path}, row 3 \(format gsm8k\): invalid JSON.*on_bad_row='report'"):
         load_examples(str(path))
 
 
@@ -319,7 +319,7 @@ def test_svamp_bad_item_reports_item_number(tmp_path):
     ]
     path = tmp_path / "SVAMP.json"
     path.write_text(json.dumps(items))
-    with pytest.raises(DataError, match=r"row 2 \(fmt=svamp\): field 'Answer' is not a number: 'many'"):
+    with pytest.raises(DataError, match=r"row 2 \(format svamp\): field 'Answer' is not a number: 'many'"):
         load_examples(str(path))
     ok = load_examples(str(path), on_bad_row="report").examples
     assert ok == [Example("svamp-a", "Tom had 3 apples. How many?", "( 3.0 )", "3")]
@@ -342,7 +342,7 @@ def test_source_and_argument_errors(tmp_path):
     with pytest.raises(ValueError, match="offset and limit"):
         load_examples("x.jsonl", offset=-1)
     odd = _write(tmp_path / "odd.jsonl", [json.dumps({"text": "hi"})])
-    with pytest.raises(DataError, match=r"cannot detect the format.*\['text'\].*pass fmt="):
+    with pytest.raises(DataError, match=r"cannot detect the format.*\['text'\].*--format"):
         load_examples(str(odd))
     txt = _write(tmp_path / "plain.txt", ["just a line"])
     with pytest.raises(DataError, match="no '\\|\\|'"):
@@ -383,7 +383,7 @@ def test_hf_loader_maps_gsm8k_columns(monkeypatch):
         Example("gsm8k-train-00000", "Natalia sold 48 clips ...?", "Natalia sold 48/2 = 24 clips.", "24", ("48/2=24",)),
         Example("gsm8k-train-00001", "Weng earns $12 an hour ...?", "12/60 = $0.2", "1000", ("12/60=0.2",)),
     ]
-    with pytest.raises(DataError, match=r"openai/gsm8k, row 3 \(fmt=hf\): no '####'"):
+    with pytest.raises(DataError, match=r"openai/gsm8k, row 3 \(format hf\): no '####'"):
         load_examples("openai/gsm8k", split="train")
     load_examples("openai/gsm8k:socratic", split="test", fmt="hf", limit=1)
     assert hub.calls[-1] == ("openai/gsm8k", "socratic", "test")

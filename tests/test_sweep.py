@@ -67,3 +67,22 @@ def test_tiny_grid_end_to_end_and_resume(tmp_path, shared_data, tiny_teacher, ti
     events.clear()
     run_sweep(cfg, on_cell=lambda r, s, st: events.append((r, s, st)))
     assert [e for e in events if e[2] != "skipped"] == [("single", 1, "start"), ("single", 1, "done")]
+
+
+def test_grid_router_names_and_options_checked_up_front(tmp_path):
+    path = tmp_path / "grid.json"
+    path.write_text('[{"name": "a", "train": {"router": "simlarity"}}]')
+    with pytest.raises(ValueError, match="row a: unknown router 'simlarity'"):
+        load_grid(str(path))
+    path.write_text('[{"name": "a", "train": {"router": "similarity", "router_options": {"temprature": 1}}}]')
+    with pytest.raises(ValueError, match=r"no option\(s\) \['temprature'\]; its options: \['temperature'\]"):
+        load_grid(str(path))
+
+
+def test_missing_eval_set_refused_before_any_cell(tmp_path):
+    cache = tmp_path / "c.zarr"
+    cache.mkdir()
+    cfg = SweepConfig(grid="plan", caches=[str(cache)], out=str(tmp_path / "out"), evals=[f"gsm8k={tmp_path / 'nope'}"])
+    with pytest.raises(ValueError, match="eval set gsm8k: .* does not exist"):
+        run_sweep(cfg)
+    assert not (tmp_path / "out").exists()

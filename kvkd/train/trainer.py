@@ -233,7 +233,15 @@ def load_training_examples(cfg: TrainConfig, meta: dict):
         offset=cfg.offset if cfg.offset is not None else ds.get("offset", 0),
         limit=cfg.limit if cfg.limit is not None else ds["rows"],
     )
-    check_compatible([("caches", meta)], fields=("dataset.fingerprint",), expected={"dataset.fingerprint": dataset_fingerprint(res.examples)})
+    if dataset_fingerprint(res.examples) != ds["fingerprint"]:
+        raise CacheMismatchError(
+            f"dataset.fingerprint: the training rows ({source}, offset {cfg.offset if cfg.offset is not None else ds.get('offset', 0)}, "
+            f"{len(res.examples)} rows) are not the rows the caches hold ({ds['source']}, split {ds.get('split')}, offset "
+            f"{ds.get('offset', 0)}, {ds['rows']} rows). Training uses exactly the cached rows: leave out --data/--offset/--limit, "
+            "or extract caches of the rows you want",
+            "dataset.fingerprint",
+            {"caches": ds["fingerprint"], "training data": dataset_fingerprint(res.examples)},
+        )
     return res.examples
 
 
@@ -459,6 +467,29 @@ def check_options(cfg: TrainConfig) -> None:
             raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise ValueError(f"--steps and --batch-size must be >= 1, got {cfg.steps} and {cfg.batch_size}")
+    check_router_options(cfg.router, cfg.router_options, len(cfg.caches))
+
+
+def check_router_options(name: str, options: dict | None, num_teachers: int) -> None:
+    """Refuse an unknown router, an option it does not take, or fixed weights of the wrong count,
+    before any model loads.
+
+    Raises:
+        KeyError: unknown router (lists the known ones).
+        ValueError: unknown option (lists the router's options) or a bad weight count.
+    """
+    import inspect
+
+    from kvkd.train.routers import ROUTERS
+
+    cls = ROUTERS.get(name)
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in ("self", "num_teachers", "feature_dim")]
+    unknown = sorted(set(options or {}) - set(accepted))
+    if unknown:
+        raise ValueError(f"router {name!r} has no option(s) {unknown}; its options: {accepted or 'none'} (--router-option KEY=VALUE)")
+    weights = (options or {}).get("weights")
+    if weights is not None and num_teachers and len(weights) != num_teachers:
+        raise ValueError(f"--router-weights gives {len(weights)} weights for {num_teachers} teacher caches: give one per --cache")
 
 
 def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) -> TrainSummary:

@@ -94,3 +94,9 @@ def test_fixed_router_weights_and_unknown_router(caches, tmp_path, tiny_student)
     assert e["weights"] == pytest.approx([0.75, 0.25])
     with pytest.raises(KeyError, match="similarity"):
         train(_cfg(caches, tmp_path / "unknown", tiny_student, router="nope"))
+
+
+def test_training_rows_that_are_not_the_cached_rows_are_refused_clearly(caches, tmp_path, tiny_student):
+    with pytest.raises(CacheMismatchError, match=r"\(.*, offset 0, 4 rows\) are not the rows the caches hold \(.*, offset 0, 8 rows\)\. Training uses exactly the cached rows"):
+        train(_cfg(caches, tmp_path / "run", tiny_student, limit=4))
+    assert not (tmp_path / "run" / "log.jsonl").exists()

@@ -98,3 +98,15 @@ def test_router_contract(name, tmp_path):
 def test_unknown_router_lists_known():
     with pytest.raises(KeyError, match="fixed"):
         build_router("nope", 2, 4)
+
+
+def test_router_options_checked_before_any_model_loads():
+    from kvkd.train.trainer import check_router_options
+
+    with pytest.raises(ValueError, match=r"no option\(s\) \['every'\]; its options: \['hidden', 'lr', 'update_every', 'warmup_steps', 'seed'\]"):
+        check_router_options("mtkd-rl", {"every": 1}, 2)
+    with pytest.raises(ValueError, match="3 weights for 2 teacher caches"):
+        check_router_options("fixed", {"weights": [1, 1, 1]}, 2)
+    with pytest.raises(KeyError, match="fixed"):
+        check_router_options("nope", None, 2)
+    check_router_options("govern", {"threshold": 0.6, "space": "kv"}, 3)
