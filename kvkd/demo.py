@@ -18,40 +18,39 @@ from typing import Callable
 from kvkd.eval.evaluate import EvalConfig, EvalResult, evaluate
 from kvkd.eval.report import plot_run, results_table
 from kvkd.models import load_model
+from kvkd.config import RuntimeArgs, opt, override
 from kvkd.pipeline.extract import ExtractConfig, extract
+from kvkd.train.options import OptimArgs, _router_names
 from kvkd.train.trainer import TrainConfig, train
 
 SAMPLES = Path(__file__).parent / "samples"
 
 
 @dataclass
-class DemoConfig:
+class DemoConfig(OptimArgs, RuntimeArgs):
     """Options of ``kvkd demo`` (sizes chosen to finish in about ten minutes on 2 CPU cores).
 
-    Attributes:
+    Attributes (besides the optimiser and runtime groups):
         out: output folder (caches, run, report).
         model: teacher and student spec.
         data_dir: a GSM8K folder with train.jsonl/test.jsonl ("" = the packaged 64/40-row sample).
         train_rows / test_rows: rows used (at most the sample's 64 / 40 without data_dir).
-        steps, batch_size, lr: student training.
         slots: M (cache slots and latent thoughts).
         router: router name; extract_batch_size: teacher batch size.
-        threads: torch CPU threads (0 = default); seed: RNG seed.
     """
 
-    out: str = "demo_out"
-    model: str = "smollm2"
-    data_dir: str = ""
-    train_rows: int = 64
-    test_rows: int = 40
-    steps: int = 48
-    batch_size: int = 4
-    lr: float = 5e-4
-    slots: int = 6
-    router: str = "similarity"
-    extract_batch_size: int = 8
-    threads: int = 0
-    seed: int = 0
+    steps: int = override(OptimArgs, "steps", 48, "sized to finish in minutes on 2 CPU cores")
+    batch_size: int = override(OptimArgs, "batch_size", 4, "CPU-sized")
+    lr: float = override(OptimArgs, "lr", 5e-4, "higher for the short CPU run")
+    warmup_steps: int = override(OptimArgs, "warmup_steps", 0, "0 = a tenth of --steps", default_text="a tenth of --steps")
+    out: str = opt("demo_out", help="Output folder (caches, run, report)")
+    model: str = opt("smollm2", help="Teacher and student model")
+    data_dir: str = opt("", help="GSM8K folder with train.jsonl/test.jsonl", default_text="the packaged 64/40-row sample")
+    train_rows: int = opt(64, help="Training rows extracted and trained on")
+    test_rows: int = opt(40, help="Test rows evaluated")
+    slots: int = opt(6, help="M slots / latent thoughts")
+    router: str = opt("similarity", help="Router", choices=_router_names)
+    extract_batch_size: int = opt(8, help="Examples per teacher forward")
 
 
 @dataclass
@@ -82,7 +81,7 @@ def run_demo(cfg: DemoConfig, on_stage: Callable[[str], None] | None = None, pro
 
     say(f"loading teacher {cfg.model}")
     t = time.perf_counter()
-    teacher = load_model(cfg.model)
+    teacher = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     stages["load"] = time.perf_counter() - t
     summaries, caches = [], []
     for trace in ("nl", "equations"):
@@ -92,7 +91,7 @@ def run_demo(cfg: DemoConfig, on_stage: Callable[[str], None] | None = None, pro
         ecfg = ExtractConfig(
             model=cfg.model, data=train_data, out=str(path), limit=cfg.train_rows, trace=trace,
             trace_fallback="nl" if trace == "equations" else None,
-            slots=cfg.slots, batch_size=cfg.extract_batch_size, num_threads=cfg.threads,
+            slots=cfg.slots, batch_size=cfg.extract_batch_size, num_threads=cfg.num_threads, device=cfg.device,
         )
         summaries.append(asdict(extract(ecfg, loaded=teacher, on_progress=progress.get("extract"))))
         stages[f"extract_{trace}"] = time.perf_counter() - t
@@ -104,14 +103,15 @@ def run_demo(cfg: DemoConfig, on_stage: Callable[[str], None] | None = None, pro
     t = time.perf_counter()
     tcfg = TrainConfig(
         caches=caches, out=str(run_dir), student=cfg.model, steps=cfg.steps, batch_size=cfg.batch_size,
-        lr=cfg.lr, warmup_steps=max(1, cfg.steps // 10), router=cfg.router, seed=cfg.seed,
-        num_threads=cfg.threads, save_every=0,
+        lr=cfg.lr, warmup_steps=cfg.warmup_steps or max(1, cfg.steps // 10), router=cfg.router, seed=cfg.seed,
+        weight_decay=cfg.weight_decay, grad_clip=cfg.grad_clip, num_threads=cfg.num_threads, device=cfg.device,
+        trust_remote_code=cfg.trust_remote_code, save_every=0,
     )
     tsum = train(tcfg, on_step=progress.get("train"))
     stages["train"] = time.perf_counter() - t
 
     evals = []
-    common = dict(data=test_data, limit=cfg.test_rows, num_threads=cfg.threads, seed=cfg.seed)
+    common = dict(data=test_data, limit=cfg.test_rows, num_threads=cfg.num_threads, device=cfg.device, trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
     for name, ecfg in (
         ("no-CoT (plain model)", EvalConfig(model=cfg.model, mode="nocot", out=str(out / "eval" / "nocot.jsonl"), **common)),
         ("latent, untrained", EvalConfig(model=cfg.model, mode="latent", untrained=True, latents=cfg.slots, out=str(out / "eval" / "untrained.jsonl"), **common)),

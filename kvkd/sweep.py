@@ -31,9 +31,12 @@ import math
 import multiprocessing
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable
+
+from kvkd.config import ConfigError, RuntimeArgs, opt, override
+from kvkd.train.options import OptimArgs, parse_key_values
 
 from kvkd.eval.report import read_log
 
@@ -58,9 +61,20 @@ GRIDS: dict[str, list[dict]] = {
 }
 
 
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--seeds {text!r}: give comma-separated integers, e.g. 0,1,2") from None
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
 @dataclass
-class SweepConfig:
-    """Options of ``kvkd sweep``.
+class SweepConfig(OptimArgs, RuntimeArgs):
+    """Options of ``kvkd sweep`` (besides the optimiser options every row shares and runtime).
 
     Attributes:
         grid: a built-in grid name (``plan``) or a YAML/JSON file: a list of rows
@@ -69,32 +83,31 @@ class SweepConfig:
         caches: the teacher caches (every row uses all of them unless ``teachers: first``).
         out: output folder.
         rows: run only these rows (names), in grid order; empty = all.
-        seeds: seeds; every row runs once per seed.
-        student, steps, batch_size, lr, warmup_steps: the training options every row shares.
+        seeds: seeds; every row runs once per seed (``seed`` of the optimiser group is unused).
+        student: the student every row trains.
         train: further TrainConfig options every row shares (e.g. ``{"lora_r": 8}``); a row's
             own overrides win.
         evals: evaluation sets, ``PATH`` or ``NAME=PATH`` (a file, or a folder read with
             ``eval_split``); MATH-like sets (name containing ``math``) are checked with
             math-verify, the others numerically.
         eval_split, eval_limit: split of folder eval sets and rows evaluated per set.
-        num_threads: torch CPU threads per cell (0 = default).
     """
 
-    grid: str = "plan"
-    caches: list[str] = field(default_factory=list)
-    out: str = "sweep_out"
-    rows: list[str] = field(default_factory=list)
-    seeds: list[int] = field(default_factory=lambda: [0, 1])
-    student: str = "smollm2"
-    steps: int = 48
-    batch_size: int = 4
-    lr: float = 5e-4
-    warmup_steps: int = 5
-    train: dict = field(default_factory=dict)
-    evals: list[str] = field(default_factory=list)
-    eval_split: str = "test"
-    eval_limit: int | None = 40
-    num_threads: int = 0
+    steps: int = override(OptimArgs, "steps", 48, "sized so a 13-row CPU grid finishes in hours; train's default is a real run")
+    batch_size: int = override(OptimArgs, "batch_size", 4, "CPU-sized, like the demo")
+    lr: float = override(OptimArgs, "lr", 5e-4, "higher for the short CPU runs, like the demo")
+    warmup_steps: int = override(OptimArgs, "warmup_steps", 5, "about a tenth of --steps")
+    grid: str = opt("plan", help="Built-in grid (plan) or a YAML/JSON file of rows")
+    caches: list[str] = opt(factory=list, cli="cache", help="A teacher cache; repeat for several teachers (the first is the single-teacher rows' teacher)")
+    out: str = opt("sweep_out", help="Output folder (cells, results.md/.csv, loss.png, weights.png); resumed if present")
+    rows: list[str] = opt(factory=list, cli_type=str, parse=_names, help="Comma-separated row names to run", default_text="all rows")
+    seeds: list[int] = opt(factory=lambda: [0, 1], cli_type=str, parse=_ints, help="Comma-separated seeds; every row runs once per seed")
+    student: str = opt("smollm2", help="Student spec every row trains")
+    train: dict = opt(factory=dict, cli="train-option", cli_type=list[str], parse=lambda v: parse_key_values(v, "--train-option"),
+                      help="Training option shared by every row, KEY=VALUE (JSON value), e.g. lora_r=8; repeatable")
+    evals: list[str] = opt(factory=list, cli="eval", help="Evaluation set PATH or NAME=PATH (file, or folder read with --eval-split); repeatable")
+    eval_split: str = opt("test", help="Split of folder eval sets")
+    eval_limit: int | None = opt(40, help="Rows per eval set (none = all)")
 
 
 @dataclass
@@ -175,15 +188,15 @@ def _cell_configs(cfg: SweepConfig, row: dict, seed: int, cell_dir: Path):
     from kvkd.train.trainer import TrainConfig
 
     caches = cfg.caches[:1] if row.get("teachers", "all") == "first" else list(cfg.caches)
-    opts = dict(student=cfg.student, steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr, warmup_steps=cfg.warmup_steps,
-                num_threads=cfg.num_threads, save_every=max(1, cfg.steps // 4))
+    shared = {f.name: getattr(cfg, f.name) for f in fields(OptimArgs) + fields(RuntimeArgs) if f.name != "seed"}
+    opts = dict(student=cfg.student, save_every=max(1, cfg.steps // 4), **shared)
     opts.update(cfg.train)
     opts.update(row.get("train", {}))
     tcfg = TrainConfig(caches=caches, out=str(cell_dir), seed=seed, **opts)
     ecfgs = {
         name: EvalConfig(run=str(cell_dir), mode="latent", data=path, split=split, limit=cfg.eval_limit, seed=seed,
                          answer_check="math" if "math" in name.lower() else "numeric", out=str(cell_dir / f"eval-{name}.jsonl"),
-                         num_threads=cfg.num_threads)
+                         num_threads=cfg.num_threads, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
         for name, path, split in _eval_sets(cfg)
     }
     return tcfg, ecfgs
@@ -206,6 +219,9 @@ def _run_cell(cfg_json: str, row_json: str, seed: int, cell_dir: str) -> None:
     from kvkd.train.trainer import train
 
     cfg = SweepConfig(**json.loads(cfg_json))
+    if cfg.num_threads:  # this process is the cell's entry point: its global settings are ours to set
+        torch.set_num_threads(cfg.num_threads)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     row = json.loads(row_json)
     cell = Path(cell_dir)
     tcfg, ecfgs = _cell_configs(cfg, row, seed, cell)

@@ -21,6 +21,7 @@ from typing import Callable
 
 import torch
 
+from kvkd.config import DataSelection, RuntimeArgs, opt, override
 from kvkd.data import Example, load_examples
 from kvkd.models import resolve_device
 from kvkd.eval.answers import answers_match, extract_answer, extract_boxed, wilson_interval
@@ -31,8 +32,8 @@ MODES = ("latent", "nocot", "cot")
 
 
 @dataclass
-class EvalConfig:
-    """Options of ``kvkd eval``.
+class EvalConfig(DataSelection, RuntimeArgs):
+    """Options of ``kvkd eval`` (besides the data selection and runtime groups).
 
     Attributes:
         run: a ``kvkd train`` run folder or a ``kvkd export`` folder (latent mode).
@@ -40,34 +41,25 @@ class EvalConfig:
         mode: ``latent``, ``nocot`` or ``cot``.
         untrained: latent mode with a fresh (untrained) student built from ``model``.
         latents: M for an untrained latent student.
-        data, split, data_format, offset, limit: evaluation rows.
         batch_size: examples per decoding batch.
         max_new_tokens: generated tokens at most (answer modes); cot_max_new_tokens for ``cot``.
         answer_check: ``numeric`` (GSM8K-style) or ``math`` (math-verify, for MATH500).
         out: predictions JSONL path ("" = ``predictions.jsonl`` in the run folder or cwd).
         seed: RNG seed (the untrained student's projection init).
-        num_threads: torch CPU threads (0 = default).
-        device: ``auto`` (CUDA if visible, else cpu), ``cpu`` or ``cuda[:N]``.
     """
 
-    run: str = ""
-    model: str = ""
-    mode: str = "latent"
-    untrained: bool = False
-    latents: int = 6
-    data: str = ""
-    split: str | None = None
-    data_format: str = "auto"
-    offset: int = 0
-    limit: int | None = None
-    batch_size: int = 8
-    max_new_tokens: int = 12
-    cot_max_new_tokens: int = 200
-    answer_check: str = "numeric"
-    out: str = ""
-    seed: int = 0
-    num_threads: int = 0
-    device: str = "auto"
+    offset: int | None = override(DataSelection, "offset", 0, "")
+    run: str = opt("", help="A kvkd train run folder or a kvkd export folder (latent mode)")
+    model: str = opt("", help="A plain model (smollm2, .gguf, folder, hub id) for the nocot/cot baselines or --untrained")
+    mode: str = opt("latent", help="latent, nocot or cot", choices=MODES)
+    untrained: bool = opt(False, cli="untrained/no-untrained", help="Latent mode with a fresh, untrained latent student built from --model")
+    latents: int = opt(6, help="M latent thoughts for --untrained")
+    batch_size: int = opt(8, help="Examples per decoding batch")
+    max_new_tokens: int = opt(12, help="Generated tokens at most (the answer)")
+    cot_max_new_tokens: int = opt(200, help="Generated tokens at most in cot mode (reasoning and answer)")
+    answer_check: str = opt("numeric", help="numeric (GSM8K-style) or math (math-verify, MATH500)", choices=("numeric", "math"))
+    out: str = opt("", help="Per-example predictions JSONL", default_text="RUN/predictions.jsonl or ./predictions.jsonl")
+    seed: int = opt(0, help="Random seed (the untrained student's projection init)")
 
 
 @dataclass
@@ -157,8 +149,6 @@ def evaluate(cfg: EvalConfig, on_progress: Callable[[int, int], None] | None = N
     """
     if cfg.mode not in MODES:
         raise ValueError(f"unknown eval mode {cfg.mode!r}; choose one of {MODES}")
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
     examples = load_examples(cfg.data, split=cfg.split, fmt=cfg.data_format, offset=cfg.offset, limit=cfg.limit).examples
     t0 = time.perf_counter()
     if cfg.mode == "latent":

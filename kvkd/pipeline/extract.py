@@ -28,24 +28,27 @@ from kvkd.cache.codecs import Compressor
 from kvkd.cache.errors import CacheError
 from kvkd.cache.schema import CacheLayout
 from kvkd.cache.writer import CacheWriter
-from kvkd.data import DataError, Example, LoadResult, build_trace, dataset_fingerprint, load_examples
+from kvkd.config import DataSelection, RuntimeArgs, opt, override
+from kvkd.data import TRACE_KINDS, DataError, Example, LoadResult, build_trace, dataset_fingerprint, load_examples
 from kvkd.models import LoadedModel, key_module, decoder_layers, load_model, resolve_device, tokenizer_identity
 from kvkd.pipeline.capture import Capture, TeacherBatch, capture_batch
 from kvkd.pipeline.compress import DEFAULT_LAMBDA, gather_slots, select_slots
 from kvkd.prompts import PromptTemplate, token_span
 
 
-@dataclass
-class ExtractConfig:
-    """Options of ``kvkd extract`` (defaults live here and only here).
+def _codec_names() -> list[str]:
+    from kvkd.cache.codecs import CODECS
 
-    Attributes:
+    return CODECS.names()
+
+
+@dataclass
+class ExtractConfig(DataSelection, RuntimeArgs):
+    """Options of ``kvkd extract`` (defaults live here and in the groups, only there).
+
+    Attributes (besides the data selection and runtime groups):
         model: teacher spec: ``smollm2``, a .gguf file, a model folder or a hub id.
-        data: data set path (file or folder), or a Hugging Face data set name.
         out: output store path or fsspec URL (one Zarr v3 group per teacher).
-        split: split name for folders / hub data sets.
-        data_format: ``auto``, ``jsonl``, ``gsm8k``, ``icot``, ``svamp`` or ``hf``.
-        offset: first row used; limit: number of rows (None = all).
         trace: CoT the teacher reads: ``nl`` (natural language) or ``equations``.
         drop_last_step: drop the last CoT step (CODI) so the teacher cannot copy the answer.
         trace_fallback: trace used for rows whose ``trace`` is empty (e.g. GSM8K rows without
@@ -55,43 +58,33 @@ class ExtractConfig:
         lam: lambda of the KaVa eviction score (importance weight).
         batch_size: examples per teacher forward.
         dtype: dtype the teacher runs in.
-        codec: storage codec: ``float16``, ``bfloat16``, ``int8`` or ``float32``.
+        codec: storage codec (a name of ``kvkd.cache.codecs.CODECS``).
         compressor: byte compressor, ``zstd:LEVEL``, ``blosc:LEVEL:SHUFFLE`` or ``none``.
         examples_per_shard: examples per shard file (0 = about 32 MB per shard).
         overwrite: replace an existing store at ``out``.
-        trust_remote_code: let the checkpoint run its own code (off unless asked for).
-        num_threads: torch CPU threads (0 = torch's default).
         num_shards: split the cache's shards over this many independent parts (jobs of an
             array, ranks): part i writes the shards s with ``s % num_shards == i``. 0 = take
             the rank and world size from the launcher (``RANK``/``WORLD_SIZE`` of torchrun or
             deepspeed), or one part when they are not set.
         shard_index: this part's index i in ``[0, num_shards)`` (with ``num_shards``).
-        device: ``auto`` (this rank's CUDA device if visible, else cpu), ``cpu`` or ``cuda[:N]``.
     """
 
-    model: str = "smollm2"
-    data: str = ""
-    out: str = ""
-    split: str | None = None
-    data_format: str = "auto"
-    offset: int = 0
-    limit: int | None = None
-    trace: str = "nl"
-    drop_last_step: bool = True
-    trace_fallback: str | None = None
-    slots: int = 6
-    lam: float = DEFAULT_LAMBDA
-    batch_size: int = 8
-    dtype: str = "float32"
-    codec: str = "float16"
-    compressor: str = "zstd:3"
-    examples_per_shard: int = 0
-    overwrite: bool = False
-    trust_remote_code: bool = False
-    num_threads: int = 0
-    num_shards: int = 0
-    shard_index: int | None = None
-    device: str = "auto"
+    offset: int | None = override(DataSelection, "offset", 0, "")
+    model: str = opt("smollm2", help="Teacher: smollm2 (packaged GGUF), a .gguf file, a model folder or a hub id")
+    out: str = opt("", help="Output cache (Zarr v3 group): a path or an fsspec URL")
+    trace: str = opt("nl", help="CoT the teacher reads: nl (natural language) or equations", choices=TRACE_KINDS)
+    drop_last_step: bool = opt(True, cli="drop-last-step/keep-last-step", help="Drop the CoT's last step (CODI) so the teacher cannot copy the answer")
+    trace_fallback: str | None = opt(None, help="Trace for rows whose --trace is empty (e.g. nl for GSM8K rows without equations); none = such a row is an error", choices=TRACE_KINDS)
+    slots: int = opt(6, help="M: KV slots kept per (layer, KV head)")
+    lam: float = opt(DEFAULT_LAMBDA, cli="lambda", help="KaVa eviction score weight of importance vs uniqueness, in [0, 1]")
+    batch_size: int = opt(8, help="Examples per teacher forward")
+    dtype: str = opt("float32", help="Teacher dtype: float32, bfloat16 or float16", choices=("float32", "bfloat16", "float16"))
+    codec: str = opt("float16", help="Storage codec of the cached tensors", choices=_codec_names)
+    compressor: str = opt("zstd:3", help="Byte compressor: zstd:LEVEL, blosc:LEVEL:byte|bit|none, or none")
+    examples_per_shard: int = opt(0, help="Examples per shard file (0 = about 32 MB of data per shard)")
+    overwrite: bool = opt(False, cli="overwrite/no-overwrite", help="Replace an existing cache at --out instead of resuming it")
+    num_shards: int = opt(0, help="Parallel jobs writing this cache: job i takes the shards s with s % N == i (0 = RANK/WORLD_SIZE of torchrun/deepspeed, or one job)")
+    shard_index: int | None = opt(None, help="This job's index in [0, --num-shards)")
 
 
 @dataclass
@@ -268,8 +261,6 @@ def extract(
     """
     if not cfg.out:
         raise ValueError("no output store given: pass --out PATH")
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
     part = extraction_part(cfg)
     data = load_examples(cfg.data, split=cfg.split, fmt=cfg.data_format, limit=cfg.limit, offset=cfg.offset)
     if not data.examples:

@@ -38,101 +38,11 @@ from kvkd.prompts import PromptTemplate
 from kvkd.train.align import Shape, TeacherAligner, layer_map, layer_maps_per_teacher
 from kvkd.train.engines import build_engine, check_batches_split, rank_rows, to_device
 from kvkd.train.loader import DistillDataset, collate
+from kvkd.train.options import FUSIONS, KV_WEIGHTINGS, TrainConfig
 from kvkd.train.losses import cka_loss, codi_loss, kv_loss
 from kvkd.train.routers import RouterInputs, build_router
 from kvkd.train.student import LatentStudent, add_latent_tokens
 from kvkd.train.teachers import describe_teachers, fit_samples, needs_fit
-
-
-@dataclass
-class TrainConfig:
-    """Options of ``kvkd train`` (defaults live here and only here).
-
-    Attributes:
-        caches: teacher cache paths/URLs (one per teacher).
-        out: run folder.
-        student: student spec (``smollm2``, .gguf, folder or hub id).
-        data: training data; empty = the data set recorded in the first cache.
-        split, data_format, offset, limit: data selection (must give the caches' rows).
-        steps: optimiser steps; batch_size: examples per step.
-        lr: peak learning rate (linear warm-up, then linear decay to 0).
-        warmup_steps: warm-up steps; weight_decay: AdamW weight decay; grad_clip: max grad norm.
-        a1: weight of CODI's hidden loss; a2: weight of KaVa's KV loss (KaVa: 10 and 1);
-            a3: weight of the CKA loss on hidden states (0 = off).
-        kv_weighting: ``none`` or ``importance`` (each slot's KV error weighted by the cached
-            answer->CoT attention importance of that slot, rescaled to mean 1 per sample).
-        fusion: ``loss`` (weighted sum of per-teacher losses) or ``target`` (weighted sum of
-            the projected teacher tensors, then one loss).
-        kv_loss: ``smooth_l1`` or ``mse``; hidden_loss: same choices for L_CODI.
-        std_norm: per-layer teacher-std normalisation of both distillation losses.
-        router: router name (``fixed``, ``similarity``, ``learnable``, ...).
-        router_options: keyword options of the router (e.g. ``{"weights": [0.7, 0.3]}``).
-        layer_map: teacher layer for each student layer: ``proportional`` (depth-proportional,
-            any shapes), ``last`` (the teacher's last L_s layers), or an explicit list of L_s
-            teacher layers; one value for every teacher, or a list with one per teacher (in
-            ``caches`` order), e.g. ``["proportional", "last", [0, 2, 4, 5]]``.
-        align_fit_rows: cached rows read per teacher to fit the fixed principal bases of the
-            projections that shrink a teacher space (see ``kvkd.train.align``).
-        use_lora, lora_r, lora_alpha, lora_dropout, lora_targets: peft LoRA settings
-            (CODI's defaults are r=128, alpha=32; r=16 keeps CPU runs small).
-        latents: M continuous thoughts; 0 = the caches' slot budget M.
-        require_same_tokenizer: refuse teachers whose tokenizer differs from the student's (or
-            from each other's). Off by default: latent distillation needs no token
-            correspondence; the run records which teachers share the student's tokenizer.
-        dtype: student dtype; seed: RNG seed; num_workers / prefetch_factor: loader.
-        log_every: steps between console progress callbacks; save_every: steps between
-            checkpoints (0 = only at the end); keep_checkpoints: newest checkpoints kept.
-        num_threads: torch CPU threads (0 = default); trust_remote_code: off unless asked.
-        device: ``auto`` (CUDA if visible), ``cpu`` or ``cuda[:N]`` (plain engine; DeepSpeed
-            puts each rank on its accelerator).
-        deepspeed: DeepSpeed JSON config path (ZeRO 1/2/3, offload, bf16); empty = one process
-            without DeepSpeed. See ``kvkd.train.engines``.
-    """
-
-    caches: list[str] = field(default_factory=list)
-    out: str = ""
-    student: str = "smollm2"
-    data: str = ""
-    split: str | None = None
-    data_format: str = "auto"
-    offset: int | None = None
-    limit: int | None = None
-    steps: int = 100
-    batch_size: int = 8
-    lr: float = 2e-4
-    warmup_steps: int = 10
-    weight_decay: float = 0.0
-    grad_clip: float = 2.0
-    a1: float = 10.0
-    a2: float = 1.0
-    a3: float = 0.0
-    kv_weighting: str = "none"
-    fusion: str = "loss"
-    kv_loss: str = "smooth_l1"
-    hidden_loss: str = "smooth_l1"
-    std_norm: bool = True
-    router: str = "fixed"
-    router_options: dict = field(default_factory=dict)
-    layer_map: str | list = "proportional"
-    align_fit_rows: int = 256
-    use_lora: bool = True
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    lora_targets: str = "all-linear"
-    latents: int = 0
-    require_same_tokenizer: bool = False
-    dtype: str = "float32"
-    seed: int = 0
-    num_workers: int = 1
-    prefetch_factor: int = 4
-    log_every: int = 1
-    save_every: int = 50
-    keep_checkpoints: int = 2
-    num_threads: int = 0
-    trust_remote_code: bool = False
-    device: str = "auto"
-    deepspeed: str = ""
 
 
 @dataclass
@@ -448,10 +358,6 @@ def build_trainee(cfg: TrainConfig, metas: list[dict]) -> Trainee:
     return trainee
 
 
-FUSIONS = ("loss", "target")
-KV_WEIGHTINGS = ("none", "importance")
-
-
 def check_options(cfg: TrainConfig) -> None:
     """Refuse bad option values before anything heavy runs.
 
@@ -508,9 +414,6 @@ def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) ->
     if not cfg.out:
         raise ValueError("no run folder given: pass --out RUN_DIR")
     check_options(cfg)
-    if cfg.num_threads:
-        torch.set_num_threads(cfg.num_threads)
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     torch.manual_seed(cfg.seed)
     run = Path(cfg.out)
     readers, metas = open_teachers(cfg)

@@ -1,0 +1,187 @@
+"""Options of ``kvkd train``, declared once (default, help, CLI name) in groups that other
+commands share: the optimiser (``kvkd sweep``, ``kvkd demo``), LoRA, the distillation losses,
+the loader, plus :class:`kvkd.config.DataSelection` and :class:`kvkd.config.RuntimeArgs`.
+
+``kvkd.cli`` generates ``kvkd train``'s flags from :class:`TrainConfig`; a config file may
+give any of them flat or inside a group section (``optimiser:``, ``lora:``, ``losses:``,
+``loader:``, ``data:``, ``runtime:``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from kvkd.config import ConfigError, DataSelection, RuntimeArgs, group, opt, override
+
+
+@group("optimiser")
+class OptimArgs:
+    """AdamW with linear warm-up then linear decay to 0.
+
+    Attributes:
+        steps: optimiser steps; batch_size: examples per step (the global batch).
+        lr: peak learning rate; warmup_steps: linear warm-up steps.
+        weight_decay: AdamW weight decay; grad_clip: max global gradient norm.
+        seed: RNG seed (initialisation, batch order, dropout).
+    """
+
+    steps: int = opt(100, help="Optimiser steps")
+    batch_size: int = opt(8, help="Examples per optimiser step (the global batch over all ranks)")
+    lr: float = opt(2e-4, help="Peak learning rate (linear warm-up, then linear decay to 0)")
+    warmup_steps: int = opt(10, help="Linear warm-up steps")
+    weight_decay: float = opt(0.0, help="AdamW weight decay")
+    grad_clip: float = opt(2.0, help="Max global gradient norm")
+    seed: int = opt(0, help="Random seed (initialisation, batch order, dropout)")
+
+
+@group("lora")
+class LoraArgs:
+    """peft LoRA settings (CODI's defaults are r=128, alpha=32; r=16 keeps CPU runs small).
+
+    Attributes:
+        use_lora: train LoRA adapters instead of all weights.
+        lora_r, lora_alpha, lora_dropout: rank, alpha and dropout.
+        lora_targets: ``all-linear`` or comma-separated module names.
+    """
+
+    use_lora: bool = opt(True, cli="lora/no-lora", help="Train LoRA adapters (peft) instead of all weights")
+    lora_r: int = opt(16, help="LoRA rank")
+    lora_alpha: int = opt(32, help="LoRA alpha")
+    lora_dropout: float = opt(0.0, help="LoRA dropout")
+    lora_targets: str = opt("all-linear", help="LoRA target modules: all-linear or comma-separated module names")
+
+
+FUSIONS = ("loss", "target")
+KV_WEIGHTINGS = ("none", "importance")
+LOSS_KINDS = ("smooth_l1", "mse")
+
+
+@group("losses")
+class LossArgs:
+    """Weights and forms of the distillation terms: ``CE + a1 L_CODI + a2 L_KV + a3 L_CKA``.
+
+    Attributes:
+        a1: weight of CODI's hidden-state loss; a2: weight of KaVa's KV loss (KaVa: 10 and 1);
+            a3: weight of the CKA loss on boundary hidden states (0 = off).
+        kv_loss, hidden_loss: ``smooth_l1`` or ``mse``.
+        kv_weighting: ``none`` or ``importance`` (each slot's KV error weighted by the cached
+            answer->CoT attention importance, rescaled to mean 1 per sample).
+        std_norm: per-layer teacher-std normalisation of both distillation losses.
+        fusion: ``loss`` (weighted sum of per-teacher losses) or ``target`` (weighted sum of the
+            projected teacher tensors, then one loss).
+    """
+
+    a1: float = opt(10.0, help="Weight of CODI's hidden-state loss")
+    a2: float = opt(1.0, help="Weight of KaVa's KV loss")
+    a3: float = opt(0.0, help="Weight of the CKA loss on boundary hidden states (0 = off)")
+    kv_loss: str = opt("smooth_l1", help="KV loss: smooth_l1 (p=1) or mse (p=2)", choices=LOSS_KINDS)
+    hidden_loss: str = opt("smooth_l1", help="CODI loss: smooth_l1 or mse", choices=LOSS_KINDS)
+    kv_weighting: str = opt("none", help="KV loss per-slot weights: none or importance (cached answer->CoT attention)", choices=KV_WEIGHTINGS)
+    std_norm: bool = opt(True, help="Per-layer teacher-std normalisation of the distillation losses")
+    fusion: str = opt("loss", help="Teacher fusion: loss (weighted per-teacher losses) or target (weighted projected targets, one loss)", choices=FUSIONS)
+
+
+@group("loader")
+class LoaderArgs:
+    """The DataLoader that streams the caches.
+
+    Attributes:
+        num_workers: worker processes reading the caches (0 = in the training process).
+        prefetch_factor: batches each worker reads ahead.
+    """
+
+    num_workers: int = opt(1, cli="workers", help="DataLoader worker processes reading the caches (0 = in the training process)")
+    prefetch_factor: int = opt(4, help="Batches each DataLoader worker reads ahead")
+
+
+def _router_names() -> list[str]:
+    from kvkd.train.routers import ROUTERS
+
+    return ROUTERS.names()
+
+
+def parse_key_values(items: list[str] | str | None, flag: str = "--router-option") -> dict:
+    """``["temperature=0.5", "ema=0.9"]`` -> ``{"temperature": 0.5, "ema": 0.9}`` (values JSON,
+    else strings).
+
+    Raises:
+        ConfigError: an item without ``=``.
+    """
+    out: dict = {}
+    for item in [items] if isinstance(items, str) else items or []:
+        if "=" not in item:
+            raise ConfigError(f"{flag} {item!r}: use KEY=VALUE")
+        key, value = item.split("=", 1)
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _parse_layer_maps(values: list[str]):
+    from kvkd.train.align import parse_layer_map
+
+    parsed = [parse_layer_map(v) for v in values]
+    return parsed[0] if len(parsed) == 1 else parsed
+
+
+def _parse_weights(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--router-weights {text!r}: give comma-separated numbers, one per --cache (e.g. 0.7,0.3)") from None
+
+
+@dataclasses.dataclass
+class TrainConfig(DataSelection, OptimArgs, LossArgs, LoraArgs, LoaderArgs, RuntimeArgs):
+    """Options of ``kvkd train`` (defaults live here and in the groups it inherits, only there).
+
+    Attributes (besides the groups' — data, optimiser, losses, LoRA, loader, runtime):
+        caches: teacher cache paths/URLs (one per teacher).
+        out: run folder.
+        student: student spec (``smollm2``, .gguf, folder or hub id).
+        router: router name (``fixed``, ``similarity``, ``learnable``, ...).
+        router_weights: fixed weights, one per cache (``router_options["weights"]``).
+        router_options: keyword options of the router (e.g. ``{"temperature": 0.5}``).
+        layer_map: teacher layer for each student layer: ``proportional`` (depth-proportional,
+            any shapes), ``last`` (the teacher's last L_s layers), or an explicit list of L_s
+            teacher layers; one value for every teacher, or a list with one per teacher (in
+            ``caches`` order), e.g. ``["proportional", "last", [0, 2, 4, 5]]``.
+        align_fit_rows: cached rows read per teacher to fit the fixed principal bases of the
+            projections that shrink a teacher space (see ``kvkd.train.align``).
+        latents: M continuous thoughts; 0 = the caches' slot budget M.
+        require_same_tokenizer: refuse teachers whose tokenizer differs from the student's (or
+            from each other's). Off by default: latent distillation needs no token
+            correspondence; the run records which teachers share the student's tokenizer.
+        dtype: student dtype.
+        log_every: steps between progress callbacks; save_every: steps between checkpoints
+            (0 = only at the end); keep_checkpoints: newest checkpoints kept.
+        deepspeed: DeepSpeed JSON config path (ZeRO 1/2/3, offload, bf16); empty = one process
+            without DeepSpeed. See ``kvkd.train.engines``.
+    """
+
+    caches: list[str] = opt(factory=list, cli="cache", help="A teacher cache (path or URL); repeat for several teachers")
+    out: str = opt("", help="Run folder (config, log.jsonl, checkpoints, summary); resumed if it has checkpoints")
+    student: str = opt("smollm2", help="Student: smollm2 (packaged GGUF), a .gguf, a model folder or a hub id")
+    router: str = opt("fixed", help="Router (see the README's table)", choices=_router_names)
+    router_weights: list[float] | None = opt(None, help="Fixed router weights, comma-separated, one per --cache (normalised)", cli_type=str, parse=_parse_weights)
+    router_options: dict = opt(factory=dict, cli="router-option", cli_type=list[str], parse=parse_key_values,
+                               help="Router option KEY=VALUE (JSON value), e.g. temperature=0.5; repeatable")
+    layer_map: str | list = opt("proportional", cli_type=list[str], parse=_parse_layer_maps,
+                                help="Teacher layer for each student layer: proportional, last, or a list like 0,2,4,5; once for all teachers or once per --cache, in order")
+    align_fit_rows: int = opt(256, help="Cached rows per teacher used to fit the fixed bases of shrinking projections")
+    latents: int = opt(0, help="M continuous thoughts (0 = the caches' M)")
+    require_same_tokenizer: bool = opt(False, cli="require-same-tokenizer/allow-other-tokenizers",
+                                       help="Refuse teachers whose tokenizer differs from the student's (latent distillation does not need it)")
+    dtype: str = opt("float32", help="Student dtype: float32, bfloat16 or float16", choices=("float32", "bfloat16", "float16"))
+    log_every: int = opt(1, help="Steps between progress reports (terminal bar or plain log line)")
+    save_every: int = opt(50, help="Steps between checkpoints (0 = at the end only)")
+    keep_checkpoints: int = opt(2, help="Newest checkpoints kept")
+    deepspeed: str = opt("", help="DeepSpeed JSON config (ZeRO 1/2/3, offload, bf16; e.g. kvkd/configs/ds_zero2.json); launch with deepspeed or torchrun")
+
+    def __post_init__(self):
+        if self.router_weights is not None:  # one place for fixed weights: the router's options
+            self.router_options = {**self.router_options, "weights": list(self.router_weights)}
+            self.router_weights = None
