@@ -26,6 +26,7 @@ from kvkd.demo import DemoConfig
 from kvkd.eval.evaluate import EvalConfig
 from kvkd.pipeline.extract import ExtractConfig
 from kvkd.sweep import SweepConfig
+from kvkd.train.export import ExportConfig
 from kvkd.train.options import TrainConfig
 
 app = typer.Typer(help="kvkd: multi-teacher KV-cache distillation of LLM reasoning (KaVa/CODI).", no_args_is_help=True, add_completion=False, rich_markup_mode=None)
@@ -335,6 +336,8 @@ def train(flags: dict, config: Optional[str], local_rank: Optional[int]):
             summary = run_train(cfg, on_step=on_step)
     except ERRORS as err:
         _fail(err)
+    if summary.steps_run == 0:
+        console.print(f"{summary.run_dir} is already trained to step {summary.steps}: nothing to do (give a larger --steps to train on, or --fresh to start over)")
     _print_teachers(summary.run_dir)
     _print_summary("training", asdict(summary))
 
@@ -360,21 +363,21 @@ def eval_cmd(flags: dict, config: Optional[str]):
 
 
 # ----------------------------------------------------------------------------- export
-@app.command()
-def export(
-    run: str = typer.Option(..., help="A `kvkd train` run folder (plain or DeepSpeed); its newest checkpoint is exported."),
-    out: str = typer.Option(..., help="Folder to write: a Hugging Face model (LoRA merged) + tokenizer + latent head."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Write into an existing non-empty folder."),
-):
+@config_command(app, ExportConfig, "export")
+def export(flags: dict, config: Optional[str]):
     """Export a trained student as a normal Hugging Face folder (transformers loads it) plus its latent head
-    (CODI projection, <bot>/<eot> vectors, M) that `kvkd eval --run FOLDER` uses; aligners and router are left out."""
+    (CODI projection, <bot>/<eot> vectors, M) that `kvkd eval --run FOLDER` uses, and a README.md model card;
+    aligners and router are left out. A checkpoint with NaN/inf weights is refused."""
     from kvkd.train.export import export_run
 
     try:
-        path = export_run(run, out, overwrite=overwrite)
+        cfg = _resolve(ExportConfig, "export", config, flags)
+        if not cfg.run or not cfg.out:
+            raise ConfigError("pass --run RUN_DIR and --out FOLDER")
+        path = export_run(cfg.run, cfg.out, overwrite=cfg.overwrite, trust_remote_code=cfg.trust_remote_code)
     except ERRORS as err:
         _fail(err)
-    console.print(f"exported {run} -> {path}")
+    console.print(f"exported {cfg.run} -> {path}")
 
 
 # ----------------------------------------------------------------------------- cache

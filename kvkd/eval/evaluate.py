@@ -158,7 +158,8 @@ def evaluate(cfg: EvalConfig, on_progress: Callable[[int, int], None] | None = N
                 from kvkd.train.export import is_export, load_export
                 from kvkd.train.trainer import load_run
 
-                student, _ = load_export(cfg.run) if is_export(cfg.run) else load_run(cfg.run)
+                # remote code only when this command was given --trust-remote-code, never from the folder's record
+                student, _ = (load_export if is_export(cfg.run) else load_run)(cfg.run, trust_remote_code=cfg.trust_remote_code)
             elif cfg.untrained and cfg.model:
                 from kvkd.train.trainer import TrainConfig, build_student
 

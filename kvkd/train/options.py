@@ -160,6 +160,11 @@ class TrainConfig(DataSelection, OptimArgs, LossArgs, LoraArgs, LoaderArgs, Runt
             (0 = only at the end); keep_checkpoints: newest checkpoints kept.
         deepspeed: DeepSpeed JSON config path (ZeRO 1/2/3, offload, bf16); empty = one process
             without DeepSpeed. See ``kvkd.train.engines``.
+        fresh: delete the folder's checkpoints, log, summary and config and start over (without
+            it a folder with checkpoints resumes, and only ``RESUMABLE_OPTIONS`` of
+            ``kvkd.train.rundir`` may differ from its ``config.json``).
+        max_nonfinite_steps: steps with a NaN/inf loss or gradient skipped (no update, counted
+            in the log) before training stops with an error; 0 = stop at the first.
     """
 
     caches: list[str] = opt(factory=list, cli="cache", help="A teacher cache (path or URL); repeat for several teachers")
@@ -180,6 +185,8 @@ class TrainConfig(DataSelection, OptimArgs, LossArgs, LoraArgs, LoaderArgs, Runt
     save_every: int = opt(50, help="Steps between checkpoints (0 = at the end only)")
     keep_checkpoints: int = opt(2, help="Newest checkpoints kept")
     deepspeed: str = opt("", help="DeepSpeed JSON config (ZeRO 1/2/3, offload, bf16; e.g. kvkd/configs/ds_zero2.json); launch with deepspeed or torchrun")
+    fresh: bool = opt(False, cli="fresh/no-fresh", help="Start the run over: delete the run folder's checkpoints, log, summary and config first (otherwise a run folder resumes)")
+    max_nonfinite_steps: int = opt(3, help="Steps with a NaN/inf loss or gradient that are skipped (no update) before training stops with an error (0 = stop at the first)")
 
     def __post_init__(self):
         if self.router_weights is not None:  # one place for fixed weights: the router's options

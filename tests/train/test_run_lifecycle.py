@@ -1,0 +1,142 @@
+"""A run's life on tiny models: prepare + fit, a finished run reported (not retrained), the summary
+from the whole log, resume refusing other options, --fresh, divergence stopped and never
+checkpointed, export/eval refusing NaN weights, a full disk, remote code only from the flag,
+absolute paths."""
+
+import json
+import os
+import stat
+import warnings
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from kvkd.train.rundir import NonFiniteError, RunFolderError
+from kvkd.train.trainer import fit, latest_checkpoint, load_run, prepare, train
+from tests.train.test_trainer import _cfg, caches  # noqa: F401  (module fixture)
+
+
+def _log(run):
+    return [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
+
+
+def test_prepare_then_fit_and_a_finished_run_is_reported_not_retrained(caches, tmp_path, tiny_student):
+    run = prepare(_cfg(caches, tmp_path / "run", tiny_student))
+    assert run.start == 0 and not run.finished and run.trainee is not None
+    first = fit(run)
+    assert first.steps == 4 and first.steps_run == 4
+    good = json.loads((tmp_path / "run" / "summary.json").read_text())
+    log = _log(tmp_path / "run")
+    assert good["final_loss"] == log[-1]["loss"]
+    assert good["mean_weights"] == pytest.approx([sum(e["weights"][k] for e in log) / 4 for k in range(2)])
+    # rerun with the same or fewer steps: finished, nothing loaded or trained, the summary stays right
+    for steps in (4, 2):
+        again = prepare(_cfg(caches, tmp_path / "run", tiny_student, steps=steps))
+        assert again.finished and again.trainee is None and again.start == 4
+        s = fit(again)
+        assert s.steps == 4 and s.steps_run == 0 and s.final_loss == good["final_loss"] and s.mean_weights == good["mean_weights"]
+    assert _log(tmp_path / "run") == log
+
+
+def test_summary_after_a_resume_covers_the_whole_log(caches, tmp_path, tiny_student):
+    train(_cfg(caches, tmp_path / "run", tiny_student, steps=2))
+    s = train(_cfg(caches, tmp_path / "run", tiny_student, steps=4))
+    log = _log(tmp_path / "run")
+    assert [e["step"] for e in log] == [1, 2, 3, 4] and s.resumed_from == 2 and s.steps_run == 2
+    assert s.mean_weights == pytest.approx([sum(e["weights"][k] for e in log) / 4 for k in range(2)])
+    assert s.train_s == pytest.approx(sum(e["step_s"] for e in log))
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["steps"] == 4 and [r["from_step"] for r in cfg["resumes"]] == [2]
+    assert cfg["provenance"]["versions"]["torch"] and cfg["provenance"]["device"]["type"] == "cpu"
+
+
+def test_resume_with_other_options_is_refused_before_anything_is_written(caches, tmp_path, tiny_student):
+    train(_cfg(caches, tmp_path / "run", tiny_student, steps=2))
+    before = {p: (tmp_path / "run" / p).read_text() for p in ("config.json", "log.jsonl", "summary.json")}
+    with pytest.raises(RunFolderError, match=r"--lr 0\.0002 \(recorded\) -> 0\.001 \(now\); --a1 10\.0 \(recorded\) -> 0\.0 \(now\).*--fresh"):
+        train(_cfg(caches, tmp_path / "run", tiny_student, steps=3, lr=1e-3, a1=0.0))
+    with pytest.raises(RunFolderError, match=r"--router \"similarity\" \(recorded\) -> \"learnable\""):
+        train(_cfg(caches, tmp_path / "run", tiny_student, steps=3, router="learnable"))
+    assert {p: (tmp_path / "run" / p).read_text() for p in before} == before
+    # --fresh starts over with the new options
+    s = train(_cfg(caches, tmp_path / "run", tiny_student, steps=3, lr=1e-3, a1=0.0, fresh=True))
+    assert s.resumed_from == 0 and s.steps_run == 3 and len(_log(tmp_path / "run")) == 3
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["lr"] == 1e-3
+
+
+def test_a_diverged_run_stops_and_is_never_checkpointed(caches, tmp_path, tiny_student):
+    cfg = _cfg(caches, tmp_path / "run", tiny_student, lr=1e10, warmup_steps=0, steps=6, save_every=1, max_nonfinite_steps=1, router="fixed")
+    with pytest.raises(NonFiniteError, match=r"2 non-finite step\(s\), more than --max-nonfinite-steps 1"):
+        train(cfg)
+    log = _log(tmp_path / "run")
+    assert [e["skipped"] for e in log][-2:] == ["non-finite loss"] * 2 and log[0]["skipped"] is None
+    for ckpt in (tmp_path / "run" / "checkpoints").glob("step-*"):
+        for k, v in load_file(str(ckpt / "trainable.safetensors")).items():
+            assert torch.isfinite(v).all(), (ckpt, k)
+    # stop at once
+    with pytest.raises(NonFiniteError, match="more than --max-nonfinite-steps 0"):
+        train(_cfg(caches, tmp_path / "run0", tiny_student, lr=1e10, warmup_steps=0, steps=6, max_nonfinite_steps=0, router="fixed"))
+
+
+def test_export_and_eval_refuse_nan_weights(caches, tmp_path, tiny_student, shared_data):
+    from kvkd.eval.evaluate import EvalConfig, evaluate
+    from kvkd.train.export import export_run
+
+    train(_cfg(caches, tmp_path / "run", tiny_student, steps=1))
+    f = latest_checkpoint(tmp_path / "run") / "trainable.safetensors"
+    state = load_file(str(f))
+    name = next(k for k in state if k.startswith("student.projection"))
+    state[name][0] = float("nan")
+    save_file(state, str(f))
+    with pytest.raises(NonFiniteError, match=f"non-finite .* in {name[len('student.'):]}"):
+        export_run(tmp_path / "run", tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+    with pytest.raises(NonFiniteError):
+        evaluate(EvalConfig(run=str(tmp_path / "run"), data=str(shared_data / "gsm8k" / "test.jsonl"), limit=2))
+
+
+def test_disk_full_at_a_checkpoint_is_one_clear_error_and_resume_works(caches, tmp_path, tiny_student, monkeypatch):
+    import kvkd.train.engines as engines
+
+    real = engines.save_file
+    calls = {"n": 0}
+
+    def full_disk(state, path):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise RuntimeError("[enforce fail at inline_container.cc:815] . unexpected pos 66432 vs 66320")
+        return real(state, path)
+
+    monkeypatch.setattr(engines, "save_file", full_disk)
+    with pytest.raises(RunFolderError, match=r"could not write .*\.tmp-step-0000004: no space left on the device"):
+        train(_cfg(caches, tmp_path / "run", tiny_student))
+    assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
+    monkeypatch.setattr(engines, "save_file", real)
+    s = train(_cfg(caches, tmp_path / "run", tiny_student))
+    assert s.resumed_from == 2 and [e["step"] for e in _log(tmp_path / "run")] == [1, 2, 3, 4]
+
+
+def test_checkpoint_files_have_the_runs_mode(caches, tmp_path, tiny_student):
+    train(_cfg(caches, tmp_path / "run", tiny_student, steps=1))
+    ckpt = latest_checkpoint(tmp_path / "run")
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in list(ckpt.iterdir()) + [tmp_path / "run" / "config.json"]}
+    assert len(set(modes.values())) == 1, modes
+
+
+def test_recorded_trust_remote_code_is_ignored_and_paths_are_absolute(caches, tmp_path, tiny_student, monkeypatch):
+    import kvkd.train.trainer as trainer
+
+    monkeypatch.chdir(tiny_student.parent)
+    train(_cfg(caches, tmp_path / "run", tiny_student.name, steps=1))  # a relative --student
+    cfg = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert cfg["student"] == str(tiny_student) and all(os.path.isabs(c) for c in cfg["caches"])
+    cfg["trust_remote_code"] = True  # a folder received from someone else
+    (tmp_path / "run" / "config.json").write_text(json.dumps(cfg))
+    seen = []
+    real = trainer.load_model
+    monkeypatch.setattr(trainer, "load_model", lambda spec, **kw: seen.append(kw["trust_remote_code"]) or real(spec, **kw))
+    monkeypatch.chdir(tmp_path)  # another directory
+    load_run(tmp_path / "run")
+    load_run(tmp_path / "run", trust_remote_code=True)
+    assert seen == [False, True]
