@@ -54,7 +54,7 @@ def test_summary_after_a_resume_covers_the_whole_log(caches, tmp_path, tiny_stud
 def test_resume_with_other_options_is_refused_before_anything_is_written(caches, tmp_path, tiny_student):
     train(_cfg(caches, tmp_path / "run", tiny_student, steps=2))
     before = {p: (tmp_path / "run" / p).read_text() for p in ("config.json", "log.jsonl", "summary.json")}
-    with pytest.raises(RunFolderError, match=r"--lr 0\.0002 \(recorded\) -> 0\.001 \(now\); --a1 10\.0 \(recorded\) -> 0\.0 \(now\).*--fresh"):
+    with pytest.raises(RunFolderError, match=r"--a1 10\.0 \(recorded\) -> 0\.0 \(now\); --lr 0\.0002 \(recorded\) -> 0\.001 \(now\)\. .*--fresh"):
         train(_cfg(caches, tmp_path / "run", tiny_student, steps=3, lr=1e-3, a1=0.0))
     with pytest.raises(RunFolderError, match=r"--router \"similarity\" \(recorded\) -> \"learnable\""):
         train(_cfg(caches, tmp_path / "run", tiny_student, steps=3, router="learnable"))
