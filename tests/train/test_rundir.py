@@ -96,6 +96,22 @@ def test_lock_refuses_a_second_process_naming_the_holder_and_is_reentrant(tmp_pa
         assert child.returncode != 0 and f"in use by process {os.getpid()}" in child.stderr  # still ours for other processes
 
 
+def test_train_into_a_locked_run_folder_is_refused_before_any_work(tmp_path):
+    from kvkd.train.trainer import TrainConfig, train
+
+    code = ("import sys, time; from kvkd.train.rundir import folder_lock\n"
+            "with folder_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(60)\n")
+    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "run")], stdout=subprocess.PIPE, text=True, env={**os.environ})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(RunFolderError, match=f"run folder .*run is in use by process {holder.pid}"):
+            train(TrainConfig(caches=[str(tmp_path / "nope.zarr")], out=str(tmp_path / "run"), steps=2))
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".lock"]
+
+
 def test_changed_options_names_each_difference_and_skips_resumable_ones():
     recorded = {"lr": 2e-4, "a1": 10.0, "steps": 4, "router": "fixed", "num_threads": 2, "layer_map": [0, 1]}
     current = {"lr": 1e-3, "a1": 0.0, "steps": 11, "router": "fixed", "num_threads": 1, "layer_map": (0, 1), "new_option": 3}
