@@ -163,6 +163,8 @@ class TrainConfig(DataSelection, OptimArgs, LossArgs, LoraArgs, LoaderArgs, Runt
         fresh: delete the folder's checkpoints, log, summary and config and start over (without
             it a folder with checkpoints resumes, and only ``RESUMABLE_OPTIONS`` of
             ``kvkd.train.rundir`` may differ from its ``config.json``).
+        report_to: sinks besides ``log.jsonl`` (``kvkd.train.sinks``): ``none``, ``tensorboard``,
+            ``wandb``, ``trackio``, comma-separated.
         max_nonfinite_steps: steps with a NaN/inf loss or gradient skipped (no update, counted
             in the log) before training stops with an error; 0 = stop at the first.
     """
@@ -186,6 +188,7 @@ class TrainConfig(DataSelection, OptimArgs, LossArgs, LoraArgs, LoaderArgs, Runt
     keep_checkpoints: int = opt(2, help="Newest checkpoints kept")
     deepspeed: str = opt("", help="DeepSpeed JSON config (ZeRO 1/2/3, offload, bf16; e.g. kvkd/configs/ds_zero2.json); launch with deepspeed or torchrun")
     fresh: bool = opt(False, cli="fresh/no-fresh", help="Start the run over: delete the run folder's checkpoints, log, summary and config first (otherwise a run folder resumes)")
+    report_to: str = opt("none", help="Also report every step to: none, tensorboard (RUN/tensorboard), wandb, trackio; comma-separated for several (log.jsonl is always written)")
     max_nonfinite_steps: int = opt(3, help="Steps with a NaN/inf loss or gradient that are skipped (no update) before training stops with an error (0 = stop at the first)")
 
     def __post_init__(self):

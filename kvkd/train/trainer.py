@@ -25,6 +25,7 @@ import json
 import math
 import os
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -45,6 +46,7 @@ from kvkd.train.loader import DistillDataset, collate
 from kvkd.train.options import FUSIONS, KV_WEIGHTINGS, TrainConfig
 from kvkd.train.losses import cka_loss, codi_loss, kv_loss
 from kvkd.train.routers import RouterInputs, build_router
+from kvkd.train.sinks import LatentNorms, Sinks, parse_report_to
 from kvkd.train.rundir import RESUMABLE_OPTIONS, NonFiniteError, RunDir, RunFolderError, changed_options, provenance
 from kvkd.train.student import LatentStudent, add_latent_tokens
 from kvkd.train.teachers import describe_teachers, fit_samples, needs_fit
@@ -68,6 +70,8 @@ class StepLog:
     step_s: float
     examples_per_s: float
     skipped: str | None = None  # "non-finite loss" / "non-finite gradient": no update this step
+    latent_norm: float | None = None  # mean L2 norm of this step's latent thoughts z (this rank's)
+    embedding_norm: float | None = None  # mean L2 norm of the token-embedding rows (for comparison)
 
 
 @dataclass
@@ -103,7 +107,9 @@ def build_student(spec: str, latents: int, cfg: TrainConfig, template: PromptTem
         from peft import LoraConfig, get_peft_model
 
         targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else [t.strip() for t in cfg.lora_targets.split(",")]
-        lm = get_peft_model(lm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM"))
+        with warnings.catch_warnings():  # peft reads the deprecated `is_gradient_checkpointing` property itself (peft_model.py)
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            lm = get_peft_model(lm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM"))
     else:
         for p in lm.parameters():
             p.requires_grad_(True)
@@ -386,6 +392,7 @@ def check_options(cfg: TrainConfig) -> None:
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise ValueError(f"--steps and --batch-size must be >= 1, got {cfg.steps} and {cfg.batch_size}")
     check_router_options(cfg.router, cfg.router_options, len(cfg.caches))
+    parse_report_to(cfg.report_to)
 
 
 def check_router_options(name: str, options: dict | None, num_teachers: int) -> None:
@@ -622,6 +629,10 @@ def _fit(run: Run, on_step) -> TrainSummary:
     )
     engine.module.train()
     last, saved = time.perf_counter(), start
+    norms = LatentNorms(run.trainee.student)
+    run.stack.callback(norms.close)
+    sinks = Sinks(parse_report_to(cfg.report_to) if lead else [], rundir.path, rundir.read_config() if lead else None)
+    run.stack.callback(sinks.close)
     with rundir.log_writer() if lead else contextlib.nullcontext(lambda entry: None) as write:
         for step, batch, (_, scale) in zip(range(start, cfg.steps), loader, shares):
             torch.manual_seed(cfg.seed * 100003 + step)  # dropout etc. reproducible on resume
@@ -635,11 +646,14 @@ def _fit(run: Run, on_step) -> TrainSummary:
                 why = "non-finite loss"
             logs = _global_logs(engine, logs, len(batch["index"]))
             now = time.perf_counter()
-            entry = StepLog(step=step + 1, lr=lr, step_s=now - last, examples_per_s=len(global_batches[step - start]) / (now - last), skipped=why, **logs)
+            latent_norm, embedding_norm = norms.pop()
+            entry = StepLog(step=step + 1, lr=lr, step_s=now - last, examples_per_s=len(global_batches[step - start]) / (now - last), skipped=why,
+                            latent_norm=latent_norm, embedding_norm=embedding_norm, **logs)
             last = now
             if lead:
                 write(asdict(entry))
                 entries.append(asdict(entry))
+                sinks.log(asdict(entry))
             if why:
                 skipped += 1
                 if skipped > cfg.max_nonfinite_steps:

@@ -140,3 +140,48 @@ def test_recorded_trust_remote_code_is_ignored_and_paths_are_absolute(caches, tm
     load_run(tmp_path / "run")
     load_run(tmp_path / "run", trust_remote_code=True)
     assert seen == [False, True]
+
+
+def test_scalars_flatten_a_step_per_teacher():
+    from kvkd.train.sinks import scalars
+
+    entry = {"step": 3, "loss": 2.0, "codi": [0.5, 0.25], "weights": [0.75, 0.25], "router": {"temperature": 0.5, "name": "x"}, "fused": None, "skipped": None}
+    assert scalars(entry) == {"loss": 2.0, "codi/t0": 0.5, "codi/t1": 0.25, "weights/t0": 0.75, "weights/t1": 0.25, "router/temperature": 0.5}
+
+
+def test_unknown_or_missing_sinks_are_refused_with_the_fix():
+    from kvkd.train.sinks import parse_report_to
+
+    assert parse_report_to("none") == [] and parse_report_to("") == []
+    with pytest.raises(ValueError, match="--report-to 'tensorbord': choose from none, tensorboard, wandb, trackio"):
+        parse_report_to("tensorbord")
+    try:
+        import trackio  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match=r"--report-to trackio needs the trackio package: pip install 'kvkd\[logging\]'"):
+            parse_report_to("trackio")
+
+
+def test_tensorboard_and_wandb_offline_get_every_step(caches, tmp_path, tiny_student, monkeypatch):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("wandb")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run = tmp_path / "run"
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(_cfg(caches, run, tiny_student, steps=3, report_to="tensorboard,wandb"))
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]  # the FutureWarning kvkd triggered is gone
+    log = _log(run)
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"loss", "ce", "lr", "step_s", "codi/t0", "codi/t1", "kv/t1", "weights/t0", "weights/t1", "latent_norm", "embedding_norm"} <= tags
+    for tag, key in (("loss", "loss"), ("weights/t1", None), ("latent_norm", "latent_norm")):
+        got = [(e.step, e.value) for e in events.Scalars(tag)]
+        want = [(e["step"], e["weights"][1] if key is None else e[key]) for e in log]
+        assert [s for s, _ in got] == [1, 2, 3] and [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)
+    assert all(e["latent_norm"] > 0 and e["embedding_norm"] > 0 for e in log)
+    assert list((run / "wandb").glob("offline-run-*/run-*.wandb"))  # wandb wrote its offline run
