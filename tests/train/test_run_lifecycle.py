@@ -185,3 +185,19 @@ def test_tensorboard_and_wandb_offline_get_every_step(caches, tmp_path, tiny_stu
         assert [s for s, _ in got] == [1, 2, 3] and [v for _, v in got] == pytest.approx([v for _, v in want], rel=1e-6)
     assert all(e["latent_norm"] > 0 and e["embedding_norm"] > 0 for e in log)
     assert list((run / "wandb").glob("offline-run-*/run-*.wandb"))  # wandb wrote its offline run
+
+
+@pytest.mark.parametrize("spec", ["/no/such/student", "./student", "../runs/x/student", "runs/x/student"])
+def test_a_missing_local_path_is_never_looked_up_on_the_hub(spec, monkeypatch):
+    import transformers
+
+    from kvkd.models import ModelLoadError, load_config, load_model
+
+    def hub(*a, **k):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", hub)
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", hub)
+    for load in (load_model, load_config):
+        with pytest.raises(ModelLoadError, match="no such model folder or file .* the hub is not asked"):
+            load(spec)
