@@ -201,3 +201,62 @@ def test_a_missing_local_path_is_never_looked_up_on_the_hub(spec, monkeypatch):
     for load in (load_model, load_config):
         with pytest.raises(ModelLoadError, match="no such model folder or file .* the hub is not asked"):
             load(spec)
+
+
+def _cli_train(caches, run, tiny_student, steps=6):
+    import sys
+
+    cmd = [sys.executable, "-m", "kvkd.cli", "train", "--cache", caches["nl"], "--cache", caches["eq"], "--out", str(run), "--student", str(tiny_student),
+           "--steps", str(steps), "--batch-size", "4", "--lora-r", "4", "--workers", "0", "--save-every", "2", "--warmup-steps", "1",
+           "--router", "similarity", "--threads", "1"]
+    from pathlib import Path
+
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
+    return cmd, env
+
+
+TIMING = ("step_s", "examples_per_s")
+
+
+@pytest.mark.slow
+def test_training_killed_with_sigkill_at_random_points_resumes_to_the_uninterrupted_run(caches, tmp_path, tiny_student):
+    """Fault injection: SIGKILL after a random number of logged steps (so mid-step, mid-checkpoint or
+    mid-log-line), twice, then resume to the end. On CPU with one thread the resumed run's log
+    (timings aside) and final weights equal the uninterrupted run's bitwise."""
+    import random
+    import signal
+    import subprocess
+    import time
+
+    cmd, env = _cli_train(caches, tmp_path / "full", tiny_student)
+    subprocess.run(cmd, env=env, check=True, capture_output=True, timeout=600)
+    rng = random.Random(20261201)
+    run = tmp_path / "killed"
+    cmd, env = _cli_train(caches, run, tiny_student)
+    kills = 0
+    for _ in range(2):
+        base = (run / "log.jsonl").read_text().count("\n") if (run / "log.jsonl").is_file() else 0
+        if base >= 5:
+            break
+        at = min(5, base + rng.randint(1, 3))  # kill once the log holds this many steps
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        while proc.poll() is None:
+            lines = (run / "log.jsonl").read_text().count("\n") if (run / "log.jsonl").is_file() else 0
+            if lines >= at:
+                time.sleep(rng.random() * 0.5)  # land anywhere in the next step or checkpoint
+                proc.send_signal(signal.SIGKILL)
+                kills += 1
+                break
+            time.sleep(0.02)
+        proc.wait(timeout=600)
+    assert kills >= 1
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    strip = lambda log: [{k: v for k, v in e.items() if k not in TIMING} for e in log]  # noqa: E731
+    assert strip(_log(run)) == strip(_log(tmp_path / "full"))
+    a = load_file(str(latest_checkpoint(tmp_path / "full") / "trainable.safetensors"))
+    b = load_file(str(latest_checkpoint(run) / "trainable.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not [p.name for p in (run / "checkpoints").iterdir() if not p.name.startswith("step-")]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["final_loss"] == _log(tmp_path / "full")[-1]["loss"]
