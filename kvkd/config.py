@@ -316,7 +316,7 @@ def _flatten_file(cls, data: dict, where: str, section: str) -> dict[str, Any]:
         elif k in COMMAND_SECTIONS and isinstance(value, dict):
             continue  # another command's section
         else:
-            raise ConfigError(f"{where}: unknown option {key!r} for `{section}`{_did_you_mean(k, list(by_name) + sorted(groups))}; see `kvkd {section} --help`")
+            raise ConfigError(f"{where}: unknown option {key!r} for `{section}`{_did_you_mean(k, list(by_name) + sorted(groups) + list(COMMAND_SECTIONS))}; see `kvkd {section} --help`")
     return out
 
 
@@ -374,6 +374,17 @@ def check_value(cls, name: str, value: Any, where: str) -> Any:
     return value
 
 
+def _yaml_float(value: Any, tp: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string: accept it for a float option."""
+    base, _ = _strip_optional(tp)
+    if base is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def resolve(cls: type[T], section: str, config_file: str | None, flags: dict[str, Any]) -> T:
     """Build ``cls`` from its defaults, then the config file, then the given flags.
 
@@ -393,7 +404,8 @@ def resolve(cls: type[T], section: str, config_file: str | None, flags: dict[str
         data = read_config_file(config_file)
         if isinstance(data.get(section), dict):
             data = data[section]
-        values.update(_flatten_file(cls, data, f"config file {config_file}", section))
+        hints = typing.get_type_hints(cls)
+        values.update({k: _yaml_float(v, hints[k]) for k, v in _flatten_file(cls, data, f"config file {config_file}", section).items()})
     bad = sorted(set(k for k, v in flags.items() if v is not None) - known)
     if bad:
         raise ConfigError(f"unknown option(s) {bad} for `{section}`")
