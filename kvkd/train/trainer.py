@@ -2,7 +2,7 @@
 
     loss = CE(answer | Q, latents) + sum_k w[:, k] * (a1 * L_CODI_k + a2 * L_KV_k)  (+ router aux)
 
-with ``w = router(signals)`` per sample (DESIGN.md section 4). Teachers are only ever read
+with ``w = router(signals)`` per sample (docs/design.md, section 4). Teachers are only ever read
 from their caches. The run folder holds ``config.json`` (resolved options), ``log.jsonl``
 (one line per step: every loss term per teacher, router weights, lr, timing),
 ``checkpoints/step-N/`` (safetensors weights + optimiser state + ``state.json``) and
