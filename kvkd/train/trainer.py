@@ -2,7 +2,7 @@
 
     loss = CE(answer | Q, latents) + sum_k w[:, k] * (a1 * L_CODI_k + a2 * L_KV_k)  (+ router aux)
 
-with ``w = router(signals)`` per sample (DESIGN.md section 4). Teachers are only ever read
+with ``w = router(signals)`` per sample (docs/design.md, section 4). Teachers are only ever read
 from their caches. A run is :func:`prepare` (check options, lock the folder, build the trainee
 and engine, load the newest checkpoint) then :func:`fit` (the loop); :func:`train` is both.
 The run folder (:class:`kvkd.train.rundir.RunDir`) holds ``config.json`` (resolved options and
@@ -49,7 +49,7 @@ from kvkd.train.routers import RouterInputs, build_router
 from kvkd.train.sinks import LatentNorms, Sinks, parse_report_to
 from kvkd.train.rundir import RESUMABLE_OPTIONS, NonFiniteError, RunDir, RunFolderError, changed_options, provenance
 from kvkd.train.student import LatentStudent, add_latent_tokens
-from kvkd.train.teachers import describe_teachers, fit_samples, needs_fit
+from kvkd.train.teacher_records import describe_teachers, fit_samples, needs_fit
 
 
 @dataclass
