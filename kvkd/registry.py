@@ -47,5 +47,10 @@ class Registry(Generic[T]):
     def names(self) -> list[str]:
         return sorted(self._items)
 
+    def entries(self) -> list[tuple[str, T]]:
+        """``(name, entry)`` pairs in registration order (e.g. the order a package imports its
+        plug-in modules in), for listings whose order matters (log columns, help)."""
+        return list(self._items.items())
+
     def __contains__(self, name: str) -> bool:
         return name in self._items
