@@ -137,10 +137,11 @@ def register_loss(cls: type[LossTerm]) -> type[LossTerm]:
     """Class decorator: register a :class:`LossTerm` under its ``name``.
 
     Raises:
-        ValueError: the name is taken, or ``weight`` is not a field of its ``Options``.
+        ValueError: the name is taken or not a Python identifier (it names a log column and a
+            StepLog field), or ``weight`` is not a field of its ``Options``.
     """
-    if not cls.name or cls.Options is None or cls.weight not in {f.name for f in dataclasses.fields(cls.Options)}:
-        raise ValueError(f"loss term {cls.__name__}: set name, an Options dataclass and weight (one of its fields)")
+    if not cls.name.isidentifier() or cls.Options is None or cls.weight not in {f.name for f in dataclasses.fields(cls.Options)}:
+        raise ValueError(f"loss term {cls.__name__}: set name (an identifier), an Options dataclass and weight (one of its fields)")
     return LOSSES.register(cls.name)(cls)
 
 
