@@ -1,5 +1,5 @@
 """One training step: the student's forward, its teachers aligned, every enabled distillation
-term per teacher, the router's weights and the fused objective (DESIGN.md section 4)::
+term per teacher, the router's weights and the fused objective (docs/design.md, section 4)::
 
     loss = CE(answer | Q, latents) + sum_k w[:, k] * sum_{per-sample terms t} a_t L_t,k
            + sum_{per-batch terms t} a_t sum_k mean_b(w[:, k]) L_t,k  (+ router aux)

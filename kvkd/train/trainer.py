@@ -2,8 +2,8 @@
 
     loss = CE(answer | Q, latents) + sum_k w[:, k] * sum_t a_t L_t,k  (+ router aux)
 
-with ``w = router(signals)`` per sample (DESIGN.md section 4) and the distillation terms t the
-plug-ins of ``kvkd.train.losses`` (``codi`` a1, ``kv`` a2, ``cka`` a3, ``simcot`` a4, ...);
+with ``w = router(signals)`` per sample (docs/design.md, section 4) and the distillation terms t
+the plug-ins of ``kvkd.train.losses`` (``codi`` a1, ``kv`` a2, ``cka`` a3, ``simcot`` a4, ...);
 one step is ``kvkd.train.step.distill_step``. Teachers are only ever read
 from their caches. The run folder holds ``config.json`` (resolved options), ``log.jsonl``
 (one line per step: every loss term per teacher, router weights, lr, timing),
@@ -40,13 +40,12 @@ from kvkd.prompts import PromptTemplate
 from kvkd.train.align import Shape, TeacherAligner, layer_map, layer_maps_per_teacher
 from kvkd.train.engines import build_engine, check_batches_split, rank_rows, to_device
 from kvkd.train.loader import DistillDataset, collate
-from kvkd.train.losses import FUSIONS, terms
-from kvkd.train.losses.base import teacher_extras
+from kvkd.train.losses import FUSIONS, teacher_extras, terms
 from kvkd.train.options import TrainConfig
 from kvkd.train.routers import build_router
 from kvkd.train.step import Trainee, _fuse, _parameter_grads, _per_sample_grads, align_teachers, distill_step, fuse_teachers  # noqa: F401  (re-exported)
 from kvkd.train.student import LatentStudent, add_latent_tokens
-from kvkd.train.teachers import describe_teachers, fit_samples, needs_fit
+from kvkd.train.teacher_records import describe_teachers, fit_samples, needs_fit
 
 
 def _step_log_class():

@@ -22,8 +22,8 @@ student's space (:class:`AlignedTeacher`) and declares, in its own module:
   SIM-CoT's tokenised reasoning steps), built once before training and only when the term is
   on.
 
-Adding a loss = one module with one ``@register_loss`` class + its import in
-``kvkd/train/losses/__init__.py``.
+Adding a loss = one module in ``kvkd/train/losses/`` with one ``@register_loss`` class: the
+package imports each of its modules (like the routers' package), so nothing else is edited.
 """
 
 from __future__ import annotations
@@ -146,8 +146,9 @@ def register_loss(cls: type[LossTerm]) -> type[LossTerm]:
 
 
 def terms() -> list[type[LossTerm]]:
-    """Every registered term, in registration order (the order of log columns and help)."""
-    return [cls for _, cls in LOSSES.entries()]
+    """Every registered term, ordered by its weight option's name (``a1``, ``a2``, ...): the
+    order of log columns and ``--help``."""
+    return sorted((cls for _, cls in LOSSES.items()), key=lambda cls: (len(cls.weight), cls.weight))
 
 
 def loss_option_fields() -> list[tuple[str, Any, dataclasses.Field]]:
