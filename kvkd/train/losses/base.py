@@ -31,13 +31,13 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
-
-import torch
-from torch.nn import functional as F
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from kvkd.config import ConfigError, opt
 from kvkd.registry import Registry
+
+if TYPE_CHECKING:  # torch is imported where a loss is computed: the options import without it
+    import torch
 
 LOSSES: Registry = Registry("loss")
 
@@ -179,6 +179,8 @@ def elementwise(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torc
     Raises:
         ValueError: unknown kind.
     """
+    from torch.nn import functional as F
+
     if kind == "mse":
         return (student - teacher) ** 2
     if kind == "smooth_l1":
@@ -194,6 +196,7 @@ def layer_std(teacher: torch.Tensor, valid: torch.Tensor, layer_dim: int = 1) ->
     Returns:
         the std with ``teacher``'s rank, 1 in every dim but ``layer_dim``.
     """
+    
     dims = [d for d in range(teacher.dim()) if d != layer_dim]
     w = valid.to(teacher.dtype).expand_as(teacher)
     n = w.sum(dim=dims, keepdim=True).clamp(min=2)

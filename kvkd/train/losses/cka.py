@@ -9,11 +9,13 @@ weights.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from kvkd.config import opt
 from kvkd.train.losses.base import AlignedTeacher, LossTerm, TermInputs, register_loss
+
+if TYPE_CHECKING:  # torch is imported where a loss is computed: the options import without it
+    import torch
 
 
 def linear_cka(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -30,6 +32,8 @@ def linear_cka(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-12) -> torch.Te
     Returns:
         (...) float32 in [0, 1]; 0 when either side has no variance (e.g. n = 1).
     """
+    import torch
+
     x = x.float() - x.float().mean(-2, keepdim=True)
     y = y.float() - y.float().mean(-2, keepdim=True)
     cross = (y.transpose(-1, -2) @ x).pow(2).sum((-2, -1))

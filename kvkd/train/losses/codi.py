@@ -8,11 +8,13 @@ hidden units, so the scale does not grow with L or d.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from kvkd.config import opt
 from kvkd.train.losses.base import LOSS_KINDS, AlignedTeacher, LossTerm, TermInputs, elementwise, layer_std, register_loss
+
+if TYPE_CHECKING:  # torch is imported where a loss is computed: the options import without it
+    import torch
 
 
 def codi_loss(s_hidden: torch.Tensor, t_hidden: torch.Tensor, kind: str = "smooth_l1", std_norm: bool = True) -> torch.Tensor:
@@ -29,6 +31,8 @@ def codi_loss(s_hidden: torch.Tensor, t_hidden: torch.Tensor, kind: str = "smoot
     Raises:
         ValueError: on shape mismatch or unknown kind.
     """
+    import torch
+
     if s_hidden.shape != t_hidden.shape:
         raise ValueError(f"student hidden {tuple(s_hidden.shape)} and teacher hidden {tuple(t_hidden.shape)} differ in shape")
     t = t_hidden.float()

@@ -10,11 +10,13 @@ H_kv, M or D; empty slots (a CoT shorter than M) are masked out.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from kvkd.config import opt
 from kvkd.train.losses.base import LOSS_KINDS, AlignedTeacher, LossTerm, TermInputs, elementwise, layer_std, register_loss
+
+if TYPE_CHECKING:  # torch is imported where a loss is computed: the options import without it
+    import torch
 
 KV_WEIGHTINGS = ("none", "importance")
 
@@ -46,6 +48,8 @@ def kv_loss(
     Raises:
         ValueError: on shape mismatch or unknown kind.
     """
+    import torch
+
     if s_keys.shape != t_keys.shape or s_values.shape != t_values.shape:
         raise ValueError(f"student KV {tuple(s_keys.shape)} and teacher KV {tuple(t_keys.shape)} differ in shape")
     m = valid[..., None].float()  # (B, L, H, M, 1)

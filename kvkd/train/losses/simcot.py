@@ -31,13 +31,14 @@ Off (no tokenisation, no decoder pass) while ``--a4`` is 0.
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
-from torch.nn import functional as F
+from typing import TYPE_CHECKING
 
 from kvkd.config import opt
 from kvkd.data import Example, trace_steps
 from kvkd.train.losses.base import AlignedTeacher, LossTerm, TermInputs, register_loss
+
+if TYPE_CHECKING:  # torch is imported where a loss is computed: the options import without it
+    import torch
 
 
 def teacher_steps(example: Example, dataset_meta: dict) -> list[str]:
@@ -72,6 +73,8 @@ def tokenize_steps(tokenizer, steps_per_example: list[list[str]], num_latents: i
         ``step_ids`` (N, M, T) int32 (0 where padded) and ``step_mask`` (N, M, T) bool, T the
         longest kept step + 1; a latent without a step has an all-False mask row.
     """
+    import torch
+
     eos = tokenizer.eos_token_id
     rows = []
     for steps in steps_per_example:
@@ -103,6 +106,9 @@ def simcot_loss(student, latents: torch.Tensor, step_ids: torch.Tensor, step_mas
         (B,) float32: sum of the step tokens' NLL (nats) / number of step tokens, per sample;
         0 for a sample without steps.
     """
+    import torch
+    from torch.nn import functional as F
+
     B = latents.shape[0]
     T = int(step_mask.sum(-1).max()) if step_mask.numel() else 0
     if T == 0:
