@@ -36,6 +36,7 @@ from kvkd.registry import Registry
 
 __all__ = [
     "DATA_FORMATS", "DataFormat", "FORMATS", "TRACE_KINDS", "register_format", "DataError", "Example", "LoadResult", "RowProblem", "build_trace",
+    "trace_steps",
     "dataset_fingerprint", "find_numbers", "load_examples", "parse_number",
 ]
 
@@ -471,6 +472,28 @@ def load_examples(
 # --------------------------------------------------------------------------- traces
 
 
+def trace_steps(example: Example, kind: str = "nl", drop_last_step: bool = False) -> list[str]:
+    """The reasoning steps of a trace, in order (what :func:`build_trace` joins).
+
+    ``"nl"``: the CoT's non-empty lines, stripped; ``"equations"``: ``"<<48/2=24>>"`` per
+    calculator equation. ``drop_last_step`` removes the final step when there are at least two.
+
+    Returns:
+        the steps ([] when the example has no such trace).
+    Raises:
+        ValueError: for an unknown kind.
+    """
+    if kind == "nl":
+        steps = [s.strip() for s in example.cot.split("\n") if s.strip()]
+    elif kind == "equations":
+        steps = [f"<<{e.strip()}>>" for e in example.equations if e.strip()]
+    else:
+        raise ValueError(f"unknown trace kind {kind!r}; choose one of {TRACE_KINDS}")
+    if drop_last_step and len(steps) >= 2:
+        steps = steps[:-1]
+    return steps
+
+
 def build_trace(example: Example, kind: str = "nl", drop_last_step: bool = False,
                 allow_empty: bool = False) -> str:
     """Render the reasoning trace a teacher reads.
@@ -494,18 +517,11 @@ def build_trace(example: Example, kind: str = "nl", drop_last_step: bool = False
         ValueError: for an unknown kind.
         DataError: if the trace is empty and allow_empty is False.
     """
-    if kind == "nl":
-        steps = [s.strip() for s in example.cot.split("\n") if s.strip()]
-    elif kind == "equations":
-        steps = [f"<<{e.strip()}>>" for e in example.equations if e.strip()]
-    else:
-        raise ValueError(f"unknown trace kind {kind!r}; choose one of {TRACE_KINDS}")
+    steps = trace_steps(example, kind, drop_last_step)
     if not steps and not allow_empty:
         other = "equations" if kind == "nl" else "nl"
         raise DataError(f"example {example.id!r} has no {kind!r} trace; try kind={other!r}, "
                         "or allow_empty=True to train it without a trace")
-    if drop_last_step and len(steps) >= 2:
-        steps = steps[:-1]
     return ("\n" if kind == "nl" else " ").join(steps)
 
 

@@ -15,7 +15,8 @@ The built-in grid ``plan`` is the project plan's ablation ladder, each step addi
 (1) no distillation (CE only, the same latent student), (2) single-teacher KV distillation
 (KaVa), (3) multi-teacher with fixed uniform weights, (4) similarity router, (5) learnable
 router, (6) + attention-weighted KV loss, (7) + CKA, (8) GOVERN and (9) the difficulty router
-on top of (7); then CA-MKD, AE-KD, grad-cosine and MTKD-RL, also on top of (7).
+on top of (7); then CA-MKD, AE-KD, grad-cosine and MTKD-RL, also on top of (7); and (7) +
+SIM-CoT's step-level supervision of the latents by each teacher's reasoning steps (``a4``).
 
 Output folder::
 
@@ -61,6 +62,7 @@ GRIDS: dict[str, list[dict]] = {
         {"name": "ae-kd", "train": {"router": "ae-kd", **_ON_TOP_OF_7}},
         {"name": "grad-cosine", "train": {"router": "grad-cosine", **_ON_TOP_OF_7}},
         {"name": "mtkd-rl", "train": {"router": "mtkd-rl", **_ON_TOP_OF_7}},
+        {"name": "simcot", "train": {"router": "learnable", **_ON_TOP_OF_7, "a4": 1.0}},
     ],
 }
 

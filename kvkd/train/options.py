@@ -13,6 +13,7 @@ import dataclasses
 import json
 
 from kvkd.config import ConfigError, DataSelection, RuntimeArgs, group, opt, override
+from kvkd.train.losses import FUSIONS, KV_WEIGHTINGS, LOSS_KINDS, loss_option_fields, terms  # noqa: F401  (re-exported)
 
 
 @group("optimiser")
@@ -52,34 +53,18 @@ class LoraArgs:
     lora_targets: str = opt("all-linear", help="LoRA target modules: all-linear or comma-separated module names")
 
 
-FUSIONS = ("loss", "target")
-KV_WEIGHTINGS = ("none", "importance")
-LOSS_KINDS = ("smooth_l1", "mse")
+def _loss_args() -> type:
+    """The ``losses`` group, built from the registered distillation terms: each term module
+    (``kvkd/train/losses/*.py``) declares its weight and options with :func:`kvkd.config.opt`,
+    so a new term brings its flags without an edit here."""
+    fields = loss_option_fields()
+    doc = ["Weights and forms of the distillation terms: ``CE + " + " + ".join(f"{t.weight} L_{t.name}" for t in terms()) + "``.", "", "Attributes:"]
+    doc += [f"    {name}: {f.metadata['help']}." for name, _, f in fields]
+    ns = {"__annotations__": {name: tp for name, tp, _ in fields}, **{name: f for name, _, f in fields}, "__doc__": "\n".join(doc), "__module__": __name__}
+    return group("losses")(type("LossArgs", (), ns))
 
 
-@group("losses")
-class LossArgs:
-    """Weights and forms of the distillation terms: ``CE + a1 L_CODI + a2 L_KV + a3 L_CKA``.
-
-    Attributes:
-        a1: weight of CODI's hidden-state loss; a2: weight of KaVa's KV loss (KaVa: 10 and 1);
-            a3: weight of the CKA loss on boundary hidden states (0 = off).
-        kv_loss, hidden_loss: ``smooth_l1`` or ``mse``.
-        kv_weighting: ``none`` or ``importance`` (each slot's KV error weighted by the cached
-            answer->CoT attention importance, rescaled to mean 1 per sample).
-        std_norm: per-layer teacher-std normalisation of both distillation losses.
-        fusion: ``loss`` (weighted sum of per-teacher losses) or ``target`` (weighted sum of the
-            projected teacher tensors, then one loss).
-    """
-
-    a1: float = opt(10.0, help="Weight of CODI's hidden-state loss")
-    a2: float = opt(1.0, help="Weight of KaVa's KV loss")
-    a3: float = opt(0.0, help="Weight of the CKA loss on boundary hidden states (0 = off)")
-    kv_loss: str = opt("smooth_l1", help="KV loss: smooth_l1 (p=1) or mse (p=2)", choices=LOSS_KINDS)
-    hidden_loss: str = opt("smooth_l1", help="CODI loss: smooth_l1 or mse", choices=LOSS_KINDS)
-    kv_weighting: str = opt("none", help="KV loss per-slot weights: none or importance (cached answer->CoT attention)", choices=KV_WEIGHTINGS)
-    std_norm: bool = opt(True, help="Per-layer teacher-std normalisation of the distillation losses")
-    fusion: str = opt("loss", help="Teacher fusion: loss (weighted per-teacher losses) or target (weighted projected targets, one loss)", choices=FUSIONS)
+LossArgs = _loss_args()
 
 
 @group("loader")

@@ -1,10 +1,12 @@
 """``kvkd train``: the training recipe (one readable loop that owns checkpoints and logs).
 
-    loss = CE(answer | Q, latents) + sum_k w[:, k] * (a1 * L_CODI_k + a2 * L_KV_k)  (+ router aux)
+    loss = CE(answer | Q, latents) + sum_k w[:, k] * sum_t a_t L_t,k  (+ router aux)
 
-with ``w = router(signals)`` per sample (docs/design.md, section 4). Teachers are only ever read
-from their caches. A run is :func:`prepare` (check options, lock the folder, build the trainee
-and engine, load the newest checkpoint) then :func:`fit` (the loop); :func:`train` is both.
+with ``w = router(signals)`` per sample (docs/design.md, section 4) and the distillation terms t
+the plug-ins of ``kvkd.train.losses`` (``codi`` a1, ``kv`` a2, ``cka`` a3, ``simcot`` a4, ...);
+one step is ``kvkd.train.step.distill_step``. Teachers are only ever read from their caches.
+A run is :func:`prepare` (check options, lock the folder, build the trainee and engine, load the
+newest checkpoint) then :func:`fit` (the loop); :func:`train` is both.
 The run folder (:class:`kvkd.train.rundir.RunDir`) holds ``config.json`` (resolved options and
 provenance), ``log.jsonl`` (one line per step: every loss term per teacher, router weights, lr,
 timing), ``checkpoints/step-N/`` (safetensors weights + optimiser state + ``state.json``) and
@@ -26,7 +28,7 @@ import math
 import os
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -43,35 +45,37 @@ from kvkd.prompts import PromptTemplate
 from kvkd.train.align import Shape, TeacherAligner, layer_map, layer_maps_per_teacher
 from kvkd.train.engines import build_engine, check_batches_split, rank_rows, to_device
 from kvkd.train.loader import DistillDataset, collate
-from kvkd.train.options import FUSIONS, KV_WEIGHTINGS, TrainConfig
-from kvkd.train.losses import cka_loss, codi_loss, kv_loss
-from kvkd.train.routers import RouterInputs, build_router
+from kvkd.train.losses import FUSIONS, teacher_extras, terms
+from kvkd.train.options import TrainConfig
+from kvkd.train.routers import build_router
 from kvkd.train.sinks import LatentNorms, Sinks, parse_report_to
 from kvkd.train.rundir import RESUMABLE_OPTIONS, NonFiniteError, RunDir, RunFolderError, changed_options, provenance
+from kvkd.train.step import Trainee, _fuse, _parameter_grads, _per_sample_grads, align_teachers, distill_step, fuse_teachers  # noqa: F401  (re-exported)
 from kvkd.train.student import LatentStudent, add_latent_tokens
 from kvkd.train.teacher_records import describe_teachers, fit_samples, needs_fit
 
 
-@dataclass
-class StepLog:
-    """One training step as logged (``log.jsonl``)."""
+def _step_log_class():
+    """:class:`StepLog` with one field per registered distillation term (its name: a list of K
+    per-teacher batch means), so ``log.jsonl`` keeps one flat key per term (``codi``, ``kv``,
+    ``cka``, ...) and a new term needs no edit here."""
+    names = [cls.name for cls in terms()]
+    fields = [("step", int), ("loss", float), ("ce", float), ("answer_nll", float), *[(n, list[float]) for n in names],
+              ("terms", list[str]), ("weights", list[float]), ("fused", float | None), ("router", dict), ("lr", float),
+              ("step_s", float), ("examples_per_s", float),
+              ("skipped", str | None, field(default=None)),  # "non-finite loss" / "non-finite gradient": no update this step
+              ("latent_norm", float | None, field(default=None)),  # mean L2 norm of this step's latent thoughts z (this rank's)
+              ("embedding_norm", float | None, field(default=None))]  # mean L2 norm of the token-embedding rows (for comparison)
+    doc = ("One training step as logged (``log.jsonl``): the total loss and CE, the gold-answer NLL (nats/token), one list "
+           f"of per-teacher values per distillation term ({', '.join(names)}; zeros when a term is off), ``terms`` (those "
+           "names), the router's mean weights, the fused term under --fusion target, router stats, lr and timing.")
+    cls = make_dataclass("StepLog", fields, namespace={"__doc__": doc})
+    cls.__module__ = __name__
+    return cls
 
-    step: int
-    loss: float
-    ce: float
-    answer_nll: float
-    codi: list[float]
-    kv: list[float]
-    cka: list[float]
-    weights: list[float]
-    fused: float | None
-    router: dict
-    lr: float
-    step_s: float
-    examples_per_s: float
-    skipped: str | None = None  # "non-finite loss" / "non-finite gradient": no update this step
-    latent_norm: float | None = None  # mean L2 norm of this step's latent thoughts z (this rank's)
-    embedding_norm: float | None = None  # mean L2 norm of the token-embedding rows (for comparison)
+
+
+StepLog = _step_log_class()
 
 
 @dataclass
@@ -183,157 +187,6 @@ def _batches(n: int, batch_size: int, seed: int, start_step: int, steps: int):
         yield perm[pos * batch_size : (pos + 1) * batch_size]
 
 
-class Trainee(torch.nn.Module):
-    """Everything that trains: the latent student, one aligner per teacher, the router."""
-
-    def __init__(self, student: LatentStudent, aligners: list[TeacherAligner], router):
-        super().__init__()
-        self.student = student
-        self.aligners = torch.nn.ModuleList(aligners)
-        self.router = router
-
-    def forward(self, batch: dict, cfg: "TrainConfig", step: int):
-        """:func:`distill_step` on this trainee (so an engine wrapping the whole trainee runs it)."""
-        return distill_step(self, batch, cfg, step)
-
-    def checkpoint_state(self) -> dict[str, torch.Tensor]:
-        """Trainable parameters + router buffers, by name (what a checkpoint stores)."""
-        state = {f"student.{k}": v for k, v in self.student.trainable_state().items()}
-        state.update({f"aligners.{k}": v for k, v in self.aligners.state_dict().items()})
-        state.update({f"router.{k}": v for k, v in self.router.state_dict().items()})
-        return {k: v.detach().contiguous().clone() for k, v in state.items()}
-
-    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
-        own = dict(self.named_parameters())
-        for k, v in state.items():
-            if k.startswith("student."):
-                if k not in own:
-                    raise KeyError(f"checkpoint tensor {k} does not belong to this student (LoRA settings changed?)")
-                with torch.no_grad():
-                    own[k].copy_(v)
-        self.aligners.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("aligners.")})
-        self.router.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("router.")})
-
-
-def _per_sample_grads(losses: torch.Tensor, outputs: list[torch.Tensor]) -> torch.Tensor:
-    """(B, K) per-teacher losses -> (B, K, P) gradients w.r.t. the student's outputs.
-
-    A sample's loss depends only on that sample's outputs, so the gradient of the batch sum
-    holds every sample's own gradient; one cheap backward through the loss graph per teacher.
-    """
-    B, K = losses.shape
-    per_teacher = []
-    for k in range(K):
-        gs = torch.autograd.grad(losses[:, k].sum(), outputs, retain_graph=True, allow_unused=True)
-        per_teacher.append(torch.cat([(torch.zeros_like(o) if g is None else g).reshape(B, -1) for g, o in zip(gs, outputs)], 1))
-    return torch.stack(per_teacher, 1).float()
-
-
-def _parameter_grads(losses: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
-    """(B, K) per-teacher losses -> (1, K, P) gradients of each teacher's batch loss w.r.t. the
-    trainable parameters (one backward pass through the student per teacher)."""
-    per_teacher = []
-    for k in range(losses.shape[1]):
-        gs = torch.autograd.grad(losses[:, k].mean(), params, retain_graph=True, allow_unused=True)
-        per_teacher.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(gs, params)]))
-    return torch.stack(per_teacher)[None].float()
-
-
-def _fuse(tensors: list[torch.Tensor], weights: torch.Tensor, valid: list[torch.Tensor] | None = None):
-    """Weighted target ``sum_k w_k T_k`` per sample.
-
-    Args:
-        tensors: K tensors (B, ...); weights: (B, K); valid: optional K bool masks broadcastable
-            to the tensors (empty slots): weights are renormalised over the teachers with a valid
-            entry there.
-    Returns:
-        (fused (B, ...), fused validity or None).
-    """
-    w = weights.float()
-    shape = (-1,) + (1,) * (tensors[0].dim() - 1)
-    if valid is None:
-        return sum(w[:, k].view(shape) * t.float() for k, t in enumerate(tensors)), None
-    wv = [w[:, k].view(shape[:-1]) * v.float() for k, v in enumerate(valid)]  # (B, L, H, M) each
-    denom = sum(wv)
-    fused = sum(x[..., None] * t.float() for x, t in zip(wv, tensors)) / denom.clamp(min=1e-12)[..., None]
-    return fused, denom > 0
-
-
-def distill_step(trainee: Trainee, batch: dict, cfg: TrainConfig, step: int):
-    """Forward one batch; returns (loss, StepLog fields except timing).
-
-    Per teacher k (after its aligner maps it into the student's space): ``L_CODI_k`` and
-    ``L_KV_k`` per sample (the KV error optionally weighted by the cached slot importances),
-    ``L_CKA_k`` per batch. The router weighs them (``w``, (B, K)); fusion ``loss`` trains on
-    ``sum_k w_k (a1 L_CODI_k + a2 L_KV_k)`` and ``a3 sum_k mean_b(w_k) L_CKA_k``; fusion
-    ``target`` fuses the projected teacher tensors ``sum_k w_k P_k(T_k)`` first and computes
-    each loss once against the fused target.
-    """
-    out = trainee.student(batch["q_ids"], batch["q_mask"], batch["s_ids"], batch["s_mask"], batch["answer_start"])
-    weighted = cfg.kv_weighting == "importance"
-    hid, keys, vals, valid, slot_w = [], [], [], [], []
-    codi_terms, kv_terms, cka_terms, feats, nlls = [], [], [], [], []
-    for aligner, t in zip(trainee.aligners, batch["teachers"]):
-        hid.append(aligner.hidden(t["hidden"]))  # (B, L_s+1, d_s)
-        keys.append(aligner.keys(t["keys"]))  # (B, L_s, H_s, M, D_s)
-        vals.append(aligner.values(t["values"]))
-        valid.append(aligner.slot_mask(t["slot_valid"]))  # (B, L_s, H_s, M)
-        slot_w.append(aligner.slot_weights(t["slot_importance"]) if weighted else None)
-        codi_terms.append(codi_loss(out.hidden, hid[-1], cfg.hidden_loss, cfg.std_norm))
-        kv_terms.append(kv_loss(out.keys, out.values, keys[-1], vals[-1], valid[-1], cfg.kv_loss, cfg.std_norm, slot_weights=slot_w[-1]))
-        cka_terms.append(cka_loss(out.hidden, hid[-1]) if cfg.a3 else out.ce.new_zeros(()))
-        feats.append(hid[-1][:, -1].detach())
-        nlls.append(t["answer_nll"].float() * t["answer_len"].float())  # nats of the whole answer: comparable across tokenizers
-    codi = torch.stack(codi_terms, 1)  # (B, K)
-    kv = torch.stack(kv_terms, 1)  # (B, K)
-    cka = torch.stack(cka_terms)  # (K,)
-    distill = cfg.a1 * codi + cfg.a2 * kv  # (B, K)
-
-    router = trainee.router
-    grads = None
-    if router.needs_grads and not distill.requires_grad:  # a1 = a2 = 0: no distillation gradient to look at
-        grads = distill.new_zeros(distill.shape[0] if router.needs_grads == "activation" else 1, distill.shape[1], 1)
-    elif router.needs_grads == "activation":
-        outputs = {"kv": [out.keys, out.values], "hidden": [out.hidden], "both": [out.keys, out.values, out.hidden]}[router.grad_space]
-        grads = _per_sample_grads(distill, outputs)
-    elif router.needs_grads == "parameter":
-        grads = _parameter_grads(distill, [p for p in trainee.student.parameters() if p.requires_grad])
-    inputs = RouterInputs(out.features, torch.stack(feats, 1), distill, torch.stack(nlls, 1).float(), step, out.sample_ce.detach(), grads)
-    weights = router(inputs)  # (B, K)
-
-    fused = None
-    if cfg.fusion == "target":
-        f_hidden, _ = _fuse(hid, weights)
-        f_keys, f_valid = _fuse(keys, weights, valid)
-        f_vals, _ = _fuse(vals, weights, valid)
-        f_slot_w = _fuse([w.unsqueeze(-1) for w in slot_w], weights, valid)[0].squeeze(-1) if weighted else None
-        fused_distill = cfg.a1 * codi_loss(out.hidden, f_hidden, cfg.hidden_loss, cfg.std_norm) + cfg.a2 * kv_loss(
-            out.keys, out.values, f_keys, f_vals, f_valid, cfg.kv_loss, cfg.std_norm, slot_weights=f_slot_w
-        )  # (B,)
-        distill_term = fused_distill.mean()
-        cka_term = cfg.a3 * cka_loss(out.hidden, f_hidden) if cfg.a3 else 0.0
-        fused = float(fused_distill.detach().mean())
-    else:
-        distill_term = (weights * distill).sum(1).mean()
-        cka_term = cfg.a3 * (weights.mean(0) * cka).sum() if cfg.a3 else 0.0
-    loss = out.ce + distill_term + cka_term
-    aux = router.aux_loss(weights, inputs)
-    if aux is not None:
-        loss = loss + aux
-    logs = {
-        "loss": float(loss.detach()),
-        "ce": float(out.ce.detach()),
-        "answer_nll": float(out.answer_nll.detach().mean()),
-        "codi": codi.detach().mean(0).tolist(),
-        "kv": kv.detach().mean(0).tolist(),
-        "cka": cka.detach().tolist(),
-        "weights": weights.detach().mean(0).tolist(),
-        "fused": fused,
-        "router": dict(router.stats),
-    }
-    return loss, logs
-
-
 def latest_checkpoint(run: Path) -> Path | None:
     """Newest complete checkpoint folder of a run (``state.json`` is written last), or None."""
     return RunDir(run).latest_checkpoint()
@@ -384,11 +237,8 @@ def check_options(cfg: TrainConfig) -> None:
     """
     if cfg.fusion not in FUSIONS:
         raise ValueError(f"--fusion {cfg.fusion!r}: choose one of {FUSIONS}")
-    if cfg.kv_weighting not in KV_WEIGHTINGS:
-        raise ValueError(f"--kv-weighting {cfg.kv_weighting!r}: choose one of {KV_WEIGHTINGS}")
-    for name in ("a1", "a2", "a3"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    for term in terms():  # each term checks its own options (weight >= 0, choices)
+        term.check(cfg)
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise ValueError(f"--steps and --batch-size must be >= 1, got {cfg.steps} and {cfg.batch_size}")
     check_router_options(cfg.router, cfg.router_options, len(cfg.caches))
@@ -552,7 +402,8 @@ def prepare(cfg: TrainConfig) -> Run:
         engine.barrier()
         ckpt = rundir.latest_checkpoint()
         start = engine.load(ckpt) if ckpt is not None else 0
-        dataset = DistillDataset(examples, trainee.student.tokenizer, cfg.caches)
+        tok = trainee.student.tokenizer
+        dataset = DistillDataset(examples, tok, cfg.caches, teacher_extras=teacher_extras(cfg, examples, metas, tok, trainee.student.num_latents))
         return Run(cfg, rundir, start, False, trainee, engine, dataset, stack)
     except BaseException:
         stack.close()
