@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -42,6 +43,10 @@ ERRORS = (ValueError, KeyError, TypeError, ConfigError, FileNotFoundError, FileE
 def _rank() -> int:
     """This process's global rank under torchrun/deepspeed (RANK), 0 otherwise."""
     return int(os.environ.get("RANK", "0"))
+
+
+def _sigterm_to_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _fail(err: Exception) -> None:
@@ -233,9 +238,12 @@ def extract(flags: dict, config: Optional[str], dry_run: bool, student: Optional
     """
     from kvkd.pipeline.extract import extract as run_extract
 
+    from kvkd.pipeline.extract import ExtractInterrupted
+
     if dry_run:
         _extract_plan(flags, config, student, layer_map)
         return
+    previous = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)  # SIGTERM stops like Ctrl-C (claims released)
     try:
         cfg = _resolve(ExtractConfig, "extract", config, flags)
         with _progress("examples") as prog:
@@ -245,10 +253,22 @@ def extract(flags: dict, config: Optional[str], dry_run: bool, student: Optional
                 prog.update(task, total=p.total, completed=p.done, rate=f"{p.tokens / max(p.elapsed_s, 1e-9):,.0f} tokens/s")
 
             summary = run_extract(cfg, on_progress=on_progress)
+    except ExtractInterrupted as err:
+        where = f"at shard {err.shard}" if err.shard is not None else "before the first shard"
+        console.print(f"interrupted {where} of {err.out}; rerun the same command to resume", markup=False, highlight=False)
+        raise typer.Exit(code=130) from None
+    except KeyboardInterrupt:
+        console.print("interrupted before the cache was opened; nothing was written", markup=False, highlight=False)
+        raise typer.Exit(code=130) from None
     except ERRORS as err:
         _fail(err)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     for p in summary.problems:
-        console.print(f"[yellow]skipped row {p['row']}: {p['reason']}[/]")
+        console.print(f"[yellow]skipped row {p['row']}: {escape(str(p['reason']))}[/]")
+    if summary.too_long:
+        console.print(f"[yellow]warning: {len(summary.too_long)} row(s) longer than the teacher's context were left out "
+                      f"(--too-long skip; listed in the cache metadata as dataset.too_long_ids), e.g. {escape(str(summary.too_long[0]))}[/]")
     _print_summary("extraction", asdict(summary))
 
 

@@ -143,8 +143,11 @@ def load_training_examples(cfg: TrainConfig, meta: dict):
         split=cfg.split if cfg.data else ds.get("split"),
         fmt=cfg.data_format if cfg.data else ds.get("format", "auto"),
         offset=cfg.offset if cfg.offset is not None else ds.get("offset", 0),
-        limit=cfg.limit if cfg.limit is not None else ds["rows"],
+        limit=cfg.limit if cfg.limit is not None else ds.get("selected_rows", ds["rows"]),
+        on_bad_row="report" if ds.get("on_bad_row") == "skip" else "raise",  # the rows extraction skipped
     )
+    left_out = set(ds.get("too_long_ids", []))  # rows extraction left out as too long for the teacher
+    res.examples = [ex for ex in res.examples if ex.id not in left_out]
     if dataset_fingerprint(res.examples) != ds["fingerprint"]:
         raise CacheMismatchError(
             f"dataset.fingerprint: the training rows ({source}, offset {cfg.offset if cfg.offset is not None else ds.get('offset', 0)}, "
