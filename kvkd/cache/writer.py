@@ -351,14 +351,21 @@ class CacheWriter:
         """Bytes the cache's arrays take in the store now (compressed, all arrays)."""
         return sum(int(arr.nbytes_stored()) for arr in self._arrays.values())
 
-    def finalize(self) -> bool:
-        """Mark the cache ``complete`` iff every ``written`` flag is 1; return whether it is."""
+    def finalize(self, sole_writer: bool = False) -> bool:
+        """Mark the cache ``complete`` iff every ``written`` flag is 1; return whether it is.
+
+        Zarr's temporary files a killed writer left are removed then (those of the group's own
+        ``zarr.json`` only once a minute old, unless ``sole_writer``: other parts may be
+        finalising at the same moment).
+        """
         if not (self._flags() == 1).all():
             return False
         self.group.update_attributes({"status": "complete", "completed": now_iso()})
         claims.remove_claims_dir(self._claims_dir)
-        if self._claims_dir is not None:
-            clean_partials(self._claims_dir.parent)
+        if self._claims_dir is not None:  # every shard is written: temporary files left are a killed writer's,
+            root = self._claims_dir.parent  # but for the group's own zarr.json, which other parts may be updating
+            clean_partials(root, 0.0, "*/**/*.partial")
+            clean_partials(root, 0.0 if sole_writer else _STALE_PARTIAL_S, "*.partial")
         return True
 
 
@@ -380,9 +387,10 @@ def _open_existing(url: str) -> zarr.Group | None:
 _CREATE_WAIT_S = 30.0
 
 
-def _wait_for_group(url: str) -> zarr.Group | None:
-    """The group another writer is creating at ``url``, once its ``zarr.json`` exists (or None)."""
-    deadline = time.monotonic() + _CREATE_WAIT_S
+def _wait_for_group(url: str, deadline_s: float = _CREATE_WAIT_S) -> zarr.Group | None:
+    """The group another writer is creating at ``url``, once its ``zarr.json`` exists (or None
+    after ``deadline_s`` seconds)."""
+    deadline = time.monotonic() + deadline_s
     while True:
         existing = _open_existing(url)
         if existing is not None or time.monotonic() > deadline:
@@ -433,7 +441,7 @@ def _refuse_foreign_directory(claims_dir: Path | None) -> None:
         return
     if all(_is_partial(p) for p in entries):
         newest = max((p.stat().st_mtime for p in entries if p.exists()), default=0.0)
-        if time.time() - newest < 10 and _wait_for_group(str(root)) is not None:
+        if _wait_for_group(str(root), deadline_s=newest + 10 - time.time()) is not None:  # a live creator finishes in < 10 s
             return
         clean_partials(root, 0.0, "*.partial")
         return

@@ -494,7 +494,7 @@ def extract(
         shard = None
         # Every part sets its flags before it checks all of them, so the part that writes last sees
         # every flag set and marks the cache complete (several may; the result is the same).
-        complete = writer.finalize()
+        complete = writer.finalize(sole_writer=part[1] == 1)
     except KeyboardInterrupt:
         raise ExtractInterrupted(cfg.out, shard) from None
     except OSError as e:
