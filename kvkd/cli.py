@@ -413,10 +413,16 @@ def cache_info(path: str = typer.Argument(..., help="Cache path or URL."), as_js
         return
     meta = info.get("metadata", {})
     tok = meta.get("tokenizer", {})
+    prov = meta.get("provenance") or {}
+    teacher = meta.get("teacher") or {}
     _print_summary(f"cache {path}", {
         "tokenizer vocab_size": f"{tok.get('vocab_size')} (len(tokenizer): every id it emits, added tokens included; not the embedding size)",
         "tokenizer hash": f"{tok.get('hash')} (vocabulary, merges, special tokens, pre-tokenisation)",
-        **meta,
+        "teacher weights hash": teacher.get("file_sha256") or teacher.get("weights_sha256") or "not recorded",
+        "checksums": info.get("checksums"),
+        "library versions": ", ".join(f"{k} {v}" for k, v in (prov.get("versions") or {}).items()) or "not recorded (cache from an older kvkd)",
+        "device": (prov.get("device") or {}).get("name", "not recorded"),
+        **{k: v for k, v in meta.items() if k != "provenance"},
     })
     table = Table("array", "shape", "dtype", "chunks", "shards", "codecs", "stored bytes")
     for name, a in info.get("arrays", {}).items():
