@@ -262,7 +262,7 @@ def early_metadata(cfg: ExtractConfig, data: LoadResult, template: PromptTemplat
 
 def cache_metadata(cfg: ExtractConfig, loaded: LoadedModel, data: LoadResult, template: PromptTemplate, frame: str,
                    fallback_ids: list[str] = (), examples: list[Example] | None = None, too_long_ids: list[str] = ()) -> dict:
-    """The JSON metadata of a teacher cache (DESIGN.md section 3).
+    """The JSON metadata of a teacher cache (docs/design.md, section 3).
 
     ``dataset.rows``/``fingerprint`` describe the cached examples (``examples``, default all
     loaded rows); ``selected_rows`` the rows read from the source (before bad or too-long rows
