@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -18,6 +19,7 @@ from typing import Any, Callable, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -42,6 +44,10 @@ ERRORS = (ValueError, KeyError, TypeError, ConfigError, FileNotFoundError, FileE
 def _rank() -> int:
     """This process's global rank under torchrun/deepspeed (RANK), 0 otherwise."""
     return int(os.environ.get("RANK", "0"))
+
+
+def _sigterm_to_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _fail(err: Exception) -> None:
@@ -240,9 +246,12 @@ def extract(flags: dict, config: Optional[str], dry_run: bool, student: Optional
     """
     from kvkd.pipeline.extract import extract as run_extract
 
+    from kvkd.pipeline.extract import ExtractInterrupted
+
     if dry_run:
         _extract_plan(flags, config, student, layer_map)
         return
+    previous = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)  # SIGTERM stops like Ctrl-C (claims released)
     try:
         cfg = _resolve(ExtractConfig, "extract", config, flags)
         with _progress("examples") as prog:
@@ -252,10 +261,22 @@ def extract(flags: dict, config: Optional[str], dry_run: bool, student: Optional
                 prog.update(task, total=p.total, completed=p.done, rate=f"{p.tokens / max(p.elapsed_s, 1e-9):,.0f} tokens/s")
 
             summary = run_extract(cfg, on_progress=on_progress)
+    except ExtractInterrupted as err:
+        where = f"at shard {err.shard}" if err.shard is not None else "before the first shard"
+        console.print(f"interrupted {where} of {err.out}; rerun the same command to resume", markup=False, highlight=False)
+        raise typer.Exit(code=130) from None
+    except KeyboardInterrupt:
+        console.print("interrupted before the cache was opened; nothing was written", markup=False, highlight=False)
+        raise typer.Exit(code=130) from None
     except ERRORS as err:
         _fail(err)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     for p in summary.problems:
-        console.print(f"[yellow]skipped row {p['row']}: {p['reason']}[/]")
+        console.print(f"[yellow]skipped row {p['row']}: {escape(str(p['reason']))}[/]")
+    if summary.too_long:
+        console.print(f"[yellow]warning: {len(summary.too_long)} row(s) longer than the teacher's context were left out "
+                      f"(--too-long skip; listed in the cache metadata as dataset.too_long_ids), e.g. {escape(str(summary.too_long[0]))}[/]")
     _print_summary("extraction", asdict(summary))
 
 
@@ -402,10 +423,16 @@ def cache_info(path: str = typer.Argument(..., help="Cache path or URL."), as_js
         return
     meta = info.get("metadata", {})
     tok = meta.get("tokenizer", {})
+    prov = meta.get("provenance") or {}
+    teacher = meta.get("teacher") or {}
     _print_summary(f"cache {path}", {
         "tokenizer vocab_size": f"{tok.get('vocab_size')} (len(tokenizer): every id it emits, added tokens included; not the embedding size)",
         "tokenizer hash": f"{tok.get('hash')} (vocabulary, merges, special tokens, pre-tokenisation)",
-        **meta,
+        "teacher weights hash": teacher.get("file_sha256") or teacher.get("weights_sha256") or "not recorded",
+        "checksums": info.get("checksums"),
+        "library versions": ", ".join(f"{k} {v}" for k, v in (prov.get("versions") or {}).items()) or "not recorded (cache from an older kvkd)",
+        "device": (prov.get("device") or {}).get("name", "not recorded"),
+        **{k: v for k, v in meta.items() if k != "provenance"},
     })
     table = Table("array", "shape", "dtype", "chunks", "shards", "codecs", "stored bytes")
     for name, a in info.get("arrays", {}).items():
@@ -416,18 +443,23 @@ def cache_info(path: str = typer.Argument(..., help="Cache path or URL."), as_js
 
 @cache_app.command("verify")
 def cache_verify(path: str = typer.Argument(..., help="Cache path or URL.")):
-    """Check a cache's flags, values and status; exit 1 if a problem is found."""
+    """Check every byte (chunk and shard checksums) and every example of a cache; list each bad chunk; exit 1 if a problem is found."""
     from kvkd.cache.reader import CacheReader
 
     try:
-        problems = CacheReader.open(path, allow_incomplete=True).verify()
+        reader = CacheReader.open(path, allow_incomplete=True)
+        with _progress("shards") as prog:
+            task = prog.add_task("verify", total=reader.layout.num_shards, rate="")
+            report = reader.verify_report(on_progress=lambda done, total: prog.update(task, completed=done, total=total))
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         _fail(err)
-    if problems:
-        for p in problems:
-            console.print(f"[red]- {p}[/]")
+    for note in report.notes:
+        console.print(f"[yellow]note: {escape(note)}[/]", highlight=False)
+    if report.problems:
+        for p in report.problems:
+            console.print(f"[red]- {escape(p)}[/]", highlight=False)
         raise typer.Exit(code=1)
-    console.print("[green]cache OK[/]")
+    console.print("[green]cache OK[/]" + (" (no checksums to check)" if report.notes else ""))
 
 
 # ----------------------------------------------------------------------------- demo

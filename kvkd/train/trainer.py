@@ -139,6 +139,8 @@ def open_teachers(cfg: TrainConfig) -> tuple[list[CacheReader], list[dict]]:
     if not cfg.caches:
         raise ValueError("no teacher cache given: pass --cache PATH (repeat it for several teachers)")
     readers = [CacheReader.open(url) for url in cfg.caches]
+    for reader in readers:
+        reader.check_shards()  # deleted/emptied/truncated shard files refused before anything is created
     named = [(url, r.metadata) for url, r in zip(cfg.caches, readers)]
     check_compatible(named, fields=("dataset.fingerprint", "compression.slots", "prompt"))
     if cfg.require_same_tokenizer:
@@ -164,8 +166,11 @@ def load_training_examples(cfg: TrainConfig, meta: dict):
         split=cfg.split if cfg.data else ds.get("split"),
         fmt=cfg.data_format if cfg.data else ds.get("format", "auto"),
         offset=cfg.offset if cfg.offset is not None else ds.get("offset", 0),
-        limit=cfg.limit if cfg.limit is not None else ds["rows"],
+        limit=cfg.limit if cfg.limit is not None else ds.get("selected_rows", ds["rows"]),
+        on_bad_row="report" if ds.get("on_bad_row") == "skip" else "raise",  # the rows extraction skipped
     )
+    left_out = set(ds.get("too_long_ids", []))  # rows extraction left out as too long for the teacher
+    res.examples = [ex for ex in res.examples if ex.id not in left_out]
     if dataset_fingerprint(res.examples) != ds["fingerprint"]:
         raise CacheMismatchError(
             f"dataset.fingerprint: the training rows ({source}, offset {cfg.offset if cfg.offset is not None else ds.get('offset', 0)}, "

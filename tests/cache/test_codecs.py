@@ -53,7 +53,7 @@ def test_codec_round_trip_through_cache(tmp_path, name, compressor):
         assert out[key].dtype == rows[key].dtype
     assert reader.metadata["compressor"] == compressor.to_json()
     inner = reader.info()["arrays"]["keys"]["codecs"][0]["configuration"]["codecs"]
-    assert [c["name"] for c in inner] == ["bytes"] + ([] if compressor.name == "none" else [compressor.name])
+    assert [c["name"] for c in inner] == ["bytes"] + ([] if compressor.name == "none" else [compressor.name]) + ["crc32c"]
 
 
 def test_bfloat16_bits_match_torch():
