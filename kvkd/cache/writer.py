@@ -40,11 +40,11 @@ import zarr.errors
 
 import kvkd
 from kvkd.cache import claims
-from kvkd.cache.codecs import Compressor, StorageCodec, get_codec
+from kvkd.cache.codecs import CodecSet, Compressor, StorageCodec, get_codecs
 from kvkd.cache.errors import CacheError, CacheMismatchError
 from kvkd.cache.schema import FLAG_ARRAY, SCHEMA_VERSION, CacheLayout
 
-RESERVED_KEYS = ("schema_version", "kvkd_version", "created", "completed", "status", "layout", "codec", "compressor")
+RESERVED_KEYS = ("schema_version", "kvkd_version", "created", "completed", "status", "layout", "codec", "codecs", "compressor")
 VOLATILE_KEYS = frozenset({"created", "completed", "updated", "host", "hostname", "pid", "elapsed_s", "wall_s", "location", "source"})
 """Metadata keys (at any depth) that may differ between runs of one extraction."""
 _MISSING = "<missing>"
@@ -87,12 +87,12 @@ class CacheWriter:
     Attributes:
         url: where the cache lives (local path or fsspec URL).
         layout: the resolved layout (``examples_per_shard`` > 0).
-        codec: storage codec of ``keys``/``values``/``hidden``.
+        codecs: the storage codec of each of ``keys``/``values``/``hidden`` (``CodecSet``).
         compressor: byte compressor of every array.
     """
 
-    def __init__(self, url: str, group: zarr.Group, layout: CacheLayout, codec: StorageCodec, compressor: Compressor):
-        self.url, self.group, self.layout, self.codec, self.compressor = url, group, layout, codec, compressor
+    def __init__(self, url: str, group: zarr.Group, layout: CacheLayout, codecs: CodecSet, compressor: Compressor):
+        self.url, self.group, self.layout, self.codecs, self.compressor = url, group, layout, codecs, compressor
         self._claims_dir = claims.claims_dir(url)
         self._held: dict[int, claims.Claim] = {}
         self._arrays = self._ensure_arrays()
@@ -105,7 +105,7 @@ class CacheWriter:
         url: str | Path,
         layout: CacheLayout,
         metadata: dict[str, Any],
-        codec: str | dict[str, Any] | StorageCodec = "float16",
+        codec: str | dict[str, Any] | StorageCodec | CodecSet = "float16",
         compressor: Compressor = Compressor("zstd", 3),
         overwrite: bool = False,
     ) -> CacheWriter:
@@ -116,8 +116,10 @@ class CacheWriter:
             layout: sizes; ``examples_per_shard=0`` picks ~32 MiB shards.
             metadata: JSON dict (teacher, tokenizer, dataset with ``fingerprint``, prompt,
                 compression ...) stored as group attributes, next to ``schema_version``,
-                ``kvkd_version``, ``created``, ``status``, ``layout``, ``codec``, ``compressor``.
-            codec: storage codec name (``"float16"``, ``"bfloat16"``, ``"float32"``, ``"int8"``) or JSON.
+                ``kvkd_version``, ``created``, ``status``, ``layout``, ``codec``, ``codecs``, ``compressor``.
+            codec: the per-array storage codecs: a preset (``"fp16"``, ``"int8"``, ``"int4"``), one
+                codec for every array (``"float16"``, ``"bfloat16"`` ... or JSON), a dict array ->
+                codec, or a ``CodecSet`` (see ``kvkd.cache.codecs.get_codecs``).
             compressor: byte compressor.
             overwrite: delete an existing cache at ``url`` and start afresh (single writer only).
         Raises:
@@ -130,8 +132,8 @@ class CacheWriter:
         # Local URLs go through zarr's LocalStore (atomic writes, creates folders); fsspec's
         # file:// store needs auto_mkdir and writes in place.
         target = str(local.parent) if local is not None else url
-        codec = get_codec(codec)
-        layout = layout.resolved(codec)
+        codecs = get_codecs(codec)
+        layout = layout.resolved(codecs)
         meta = _as_json(metadata, "cache metadata")
         reserved = sorted(set(meta) & set(RESERVED_KEYS))
         if reserved:
@@ -139,7 +141,8 @@ class CacheWriter:
         header = {
             "schema_version": SCHEMA_VERSION,
             "layout": layout.to_json(),
-            "codec": codec.to_json(),
+            "codec": codecs.legacy_json(),
+            "codecs": codecs.to_json(),
             "compressor": compressor.to_json(),
         }
         _refuse_foreign_directory(local)
@@ -147,7 +150,7 @@ class CacheWriter:
             existing = _open_existing(target)
             if existing is not None:
                 _check_same(url, existing.attrs.asdict(), header, meta)
-                return cls(url, existing, layout, codec, compressor)
+                return cls(url, existing, layout, codecs, compressor)
         attrs = {**meta, **header, "kvkd_version": kvkd.__version__, "created": now_iso(), "status": "incomplete"}
         try:
             group = zarr.open_group(target, mode="w" if overwrite else "w-", attributes=attrs, zarr_format=3)
@@ -158,13 +161,13 @@ class CacheWriter:
                                  f"{_CREATE_WAIT_S:.0f} s: another process may have died while creating it; remove it and retry") from None
             _check_same(url, existing.attrs.asdict(), header, meta)
             group = existing
-        return cls(url, group, layout, codec, compressor)
+        return cls(url, group, layout, codecs, compressor)
 
     def _ensure_arrays(self) -> dict[str, zarr.Array]:
         """Open every array, creating missing ones (identical specs for concurrent creators)."""
         eps, n = self.layout.examples_per_shard, self.layout.num_examples
         out = {}
-        for name, spec in self.layout.arrays(self.codec).items():
+        for name, spec in self.layout.arrays(self.codecs).items():
             try:
                 out[name] = self.group[name]
                 continue
@@ -291,7 +294,7 @@ class CacheWriter:
                 stored[name] = x
                 continue
             try:
-                parts = self.codec.encode(x)
+                parts = self.codecs[name].encode(x)
             except ValueError as e:
                 raise CacheError(f"array {name!r}: {e}") from None
             stored.update({name + suffix: part for suffix, part in parts.items()})
@@ -358,6 +361,8 @@ def _check_same(url: str, stored: dict[str, Any], header: dict[str, Any], meta: 
             {"existing": _MISSING, "requested": SCHEMA_VERSION},
         )
     diff = None
+    if "codecs" not in stored:  # a cache of one codec (older kvkd): its "codec" entry says it all
+        header = {k: v for k, v in header.items() if k != "codecs"}
     for key, value in header.items():  # the cache's own description: every sub-field counts
         diff = diff or first_difference(stored.get(key, _MISSING), value, f"{key}.", keys="both")
     diff = diff or first_difference(stored, meta, keys="given")
