@@ -304,3 +304,15 @@ def test_unreadable_codec_record_is_a_cache_error(url):
     writer.group.update_attributes({"codecs": {"keys": {"name": "int3"}, "values": {"name": "float16"}, "hidden": {"name": "float16"}}})
     with pytest.raises(CacheError, match="codec record.*unknown codec 'int3'"):
         CacheReader.open(url)
+
+
+def test_int8_preset_bytes_by_hand():
+    # TINY: L=2, H_kv=3, M=4, D=8, d=16
+    keys = 2 * 3 * 4 * 8 + 2 * 3 * 8 * 2  # int8 + fp16 scale per (layer, head, channel)
+    values = 2 * 3 * 4 * 8 + 2 * 3 * 4 * 2  # int8 + fp16 scale per (layer, head, slot)
+    hidden = 3 * 16 + 3 * 2 + 3 * 8 * 2 + 3 * 8 * 2  # int8, scale per layer, 8 uint16 positions + 8 fp16 values per layer
+    rest = 3 * 24 * 4 + 24 + 3 * 4 + 1  # slot_pos/importance/score, slot_valid, cot_len/answer_len/answer_nll, written
+    assert TINY.bytes_per_example(get_codecs("int8")) == keys + values + hidden + rest == 1003
+    arrays = TINY.arrays(get_codecs("int4"))
+    assert arrays["keys"].shape == (2, 3, 4, 4) and arrays["keys"].dtype == np.uint8  # two per byte
+    assert arrays["keys_scale"].shape == (2, 3, 8) and arrays["hidden_outlier_idx"].shape == (3, 8)
