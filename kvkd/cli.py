@@ -18,6 +18,7 @@ from typing import Any, Callable, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -413,18 +414,23 @@ def cache_info(path: str = typer.Argument(..., help="Cache path or URL."), as_js
 
 @cache_app.command("verify")
 def cache_verify(path: str = typer.Argument(..., help="Cache path or URL.")):
-    """Check a cache's flags, values and status; exit 1 if a problem is found."""
+    """Check every byte (chunk and shard checksums) and every example of a cache; list each bad chunk; exit 1 if a problem is found."""
     from kvkd.cache.reader import CacheReader
 
     try:
-        problems = CacheReader.open(path, allow_incomplete=True).verify()
+        reader = CacheReader.open(path, allow_incomplete=True)
+        with _progress("shards") as prog:
+            task = prog.add_task("verify", total=reader.layout.num_shards, rate="")
+            report = reader.verify_report(on_progress=lambda done, total: prog.update(task, completed=done, total=total))
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         _fail(err)
-    if problems:
-        for p in problems:
-            console.print(f"[red]- {p}[/]")
+    for note in report.notes:
+        console.print(f"[yellow]note: {escape(note)}[/]", highlight=False)
+    if report.problems:
+        for p in report.problems:
+            console.print(f"[red]- {escape(p)}[/]", highlight=False)
         raise typer.Exit(code=1)
-    console.print("[green]cache OK[/]")
+    console.print("[green]cache OK[/]" + (" (no checksums to check)" if report.notes else ""))
 
 
 # ----------------------------------------------------------------------------- demo

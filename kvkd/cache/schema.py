@@ -15,6 +15,9 @@ example axis first (N, in data-set order):
     answer_nll        ()                    float32    teacher's mean NLL of the gold answer, nats/token
     written           ()                    uint8      1 once the example's shard is fully written
 
+and, per shard (schema 2), ``shard_checksums`` (num_shards, A, 3) uint64: size and crc32c of each
+data array's shard object (see ``kvkd.cache.integrity``).
+
 Chunks hold one example; a shard (one object/file) holds ``examples_per_shard`` consecutive
 examples of one array. ``written`` is not sharded: its chunks are ``examples_per_shard`` long, so
 shard ``i`` of every data array and chunk ``i`` of ``written`` cover the same examples and are
@@ -30,7 +33,11 @@ import numpy as np
 
 from kvkd.cache.codecs import ENCODED_ARRAYS, CodecSet, StorageCodec, get_codecs  # noqa: F401 (ENCODED_ARRAYS re-exported)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: every chunk ends with its crc32c, every chunk is stored, shard digests in ``shard_checksums``
+(see ``kvkd.cache.integrity``); each encoded array's codec recorded in ``codecs`` (see
+``kvkd.cache.codecs.CodecSet``). 1: no checksums on chunk data, one ``codec`` for keys, values
+and hidden (still read)."""
 
 FLAG_ARRAY = "written"
 SHARD_TARGET_BYTES = 32 * 2**20

@@ -2,10 +2,13 @@
 
 Crash-safety rules (what a reader may rely on):
 
-1. **Data first, flags last.** ``write_shard`` writes every data array of a shard (whole shards,
-   no read-modify-write: an old shard object is deleted first), and only then sets the shard's
-   ``written`` flags (one chunk, one atomic object write). A process killed at any point leaves
-   the shard's flags at 0: readers refuse its examples and ``pending_shards`` hands it out again.
+1. **Data first, checksums next, flags last.** ``write_shard`` writes every data array of a shard
+   (whole shards, no read-modify-write: an old shard object is deleted first), reads each shard
+   object back and records its size and hash in ``shard_checksums`` (``kvkd.cache.integrity``),
+   and only then sets the shard's ``written`` flags (one chunk, one atomic object write). A
+   process killed at any point leaves the shard's flags at 0: readers refuse its examples and
+   ``pending_shards`` hands it out again. Every chunk carries its own crc32c and is stored even
+   when it equals the fill value, so a reader can tell a missing chunk from a zero one.
 2. **One writer per shard.** A writer claims ``{cache}/.claims/shard-{i}`` (O_EXCL, local file
    systems; see ``kvkd.cache.claims``) while writing shard ``i``; parallel extraction splits work
    on shard boundaries with ``pending_shards(part=(index, count))``. A shard whose flags are
@@ -39,12 +42,13 @@ import zarr
 import zarr.errors
 
 import kvkd
-from kvkd.cache import claims
+from kvkd.cache import claims, integrity
+from kvkd.cache import zarr_adapter as za
 from kvkd.cache.codecs import CodecSet, Compressor, StorageCodec, get_codecs
 from kvkd.cache.errors import CacheError, CacheMismatchError
 from kvkd.cache.schema import FLAG_ARRAY, SCHEMA_VERSION, CacheLayout
 
-RESERVED_KEYS = ("schema_version", "kvkd_version", "created", "completed", "status", "layout", "codec", "codecs", "compressor")
+RESERVED_KEYS = ("schema_version", "kvkd_version", "created", "completed", "status", "layout", "codec", "codecs", "compressor", "checksums")
 VOLATILE_KEYS = frozenset({"created", "completed", "updated", "host", "hostname", "pid", "elapsed_s", "wall_s", "location", "source"})
 """Metadata keys (at any depth) that may differ between runs of one extraction."""
 _MISSING = "<missing>"
@@ -95,6 +99,7 @@ class CacheWriter:
         self.url, self.group, self.layout, self.codecs, self.compressor = url, group, layout, codecs, compressor
         self._claims_dir = claims.claims_dir(url)
         self._held: dict[int, claims.Claim] = {}
+        self._names = data_array_names(layout, codecs)
         self._arrays = self._ensure_arrays()
 
     # ---- opening ------------------------------------------------------------------------------
@@ -144,6 +149,7 @@ class CacheWriter:
             "codec": codecs.legacy_json(),
             "codecs": codecs.to_json(),
             "compressor": compressor.to_json(),
+            "checksums": {"chunks": "crc32c", "shards": list(integrity.DIGEST_FIELDS), "arrays": data_array_names(layout, codecs)},
         }
         _refuse_foreign_directory(local)
         if not overwrite:
@@ -164,29 +170,37 @@ class CacheWriter:
         return cls(url, group, layout, codecs, compressor)
 
     def _ensure_arrays(self) -> dict[str, zarr.Array]:
-        """Open every array, creating missing ones (identical specs for concurrent creators)."""
+        """Open every array, creating missing ones (identical specs for concurrent creators).
+
+        Every chunk ends with its crc32c and is stored even when equal to the fill value.
+        """
         eps, n = self.layout.examples_per_shard, self.layout.num_examples
+        specs = {name: (spec.shape, spec.dtype, True) for name, spec in self.layout.arrays(self.codecs).items()}
+        specs[FLAG_ARRAY] = ((), np.dtype(np.uint8), False)
+        specs[integrity.CHECKSUM_ARRAY] = ((len(self._names), len(integrity.DIGEST_FIELDS)), np.dtype(np.uint64), None)
         out = {}
-        for name, spec in self.layout.arrays(self.codecs).items():
+        for name, (shape, dtype, sharded) in specs.items():
             try:
-                out[name] = self.group[name]
+                out[name] = za.with_empty_chunks(self.group[name])
                 continue
             except KeyError:
                 pass
-            sharded = name != FLAG_ARRAY
+            rows = self.layout.num_shards if sharded is None else n
+            chunks = (1, *shape) if sharded is None else ((1, *shape) if sharded else (eps,))
             try:
                 out[name] = self.group.create_array(
                     name,
-                    shape=(n, *spec.shape),
-                    dtype=spec.dtype,
-                    chunks=(1, *spec.shape) if sharded else (eps,),
-                    shards=(eps, *spec.shape) if sharded else None,
-                    compressors=self.compressor.zarr_codecs(),
+                    shape=(rows, *shape),
+                    dtype=dtype,
+                    chunks=chunks,
+                    shards=(eps, *shape) if sharded else None,
+                    compressors=[*self.compressor.zarr_codecs(), za.checksum_codec()],
                     filters=None,
                     fill_value=-1 if name == "slot_pos" else 0,
+                    config={"write_empty_chunks": True},
                 )
             except zarr.errors.ContainsArrayError:
-                out[name] = self.group[name]
+                out[name] = za.with_empty_chunks(self.group[name])
         return out
 
     @property
@@ -264,9 +278,10 @@ class CacheWriter:
                 )
             for name, data in stored.items():  # data first ...
                 arr = self._arrays[name]
-                shard_key = arr.metadata.encode_chunk_key((shard,) + (0,) * (arr.ndim - 1))
-                (arr.store_path / shard_key).delete_sync()  # never merge into a stale shard object
+                za.delete_object(arr, za.shard_key(arr, shard))  # never merge into a stale shard object
                 arr[start:stop] = data
+            digests = integrity.shard_digests(self._arrays, self._names, shard)  # ... then their checksums ...
+            self._arrays[integrity.CHECKSUM_ARRAY][shard] = digests
             self._write_flags(shard, 1)  # ... flags last
 
     def _write_flags(self, shard: int, value: int) -> None:
@@ -318,6 +333,11 @@ class CacheWriter:
 # ---- helpers ------------------------------------------------------------------------------------
 
 
+def data_array_names(layout: CacheLayout, codec: StorageCodec | CodecSet) -> list[str]:
+    """Stored per-example arrays with a shard digest, in ``shard_checksums`` order (flags excluded)."""
+    return [name for name in layout.arrays(codec) if name != FLAG_ARRAY]
+
+
 def _open_existing(url: str) -> zarr.Group | None:
     try:
         return zarr.open_group(url, mode="r+", zarr_format=3)
@@ -361,8 +381,6 @@ def _check_same(url: str, stored: dict[str, Any], header: dict[str, Any], meta: 
             {"existing": _MISSING, "requested": SCHEMA_VERSION},
         )
     diff = None
-    if "codecs" not in stored:  # a cache of one codec (older kvkd): its "codec" entry says it all
-        header = {k: v for k, v in header.items() if k != "codecs"}
     for key, value in header.items():  # the cache's own description: every sub-field counts
         diff = diff or first_difference(stored.get(key, _MISSING), value, f"{key}.", keys="both")
     diff = diff or first_difference(stored, meta, keys="given")

@@ -116,6 +116,8 @@ def open_teachers(cfg: TrainConfig) -> tuple[list[CacheReader], list[dict]]:
     if not cfg.caches:
         raise ValueError("no teacher cache given: pass --cache PATH (repeat it for several teachers)")
     readers = [CacheReader.open(url) for url in cfg.caches]
+    for reader in readers:
+        reader.check_shards()  # deleted/emptied/truncated shard files refused before anything is created
     named = [(url, r.metadata) for url, r in zip(cfg.caches, readers)]
     check_compatible(named, fields=("dataset.fingerprint", "compression.slots", "prompt"))
     if cfg.require_same_tokenizer:

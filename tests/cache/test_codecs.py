@@ -2,12 +2,13 @@
 
 import dataclasses
 import json
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
-from kvkd.cache import CODECS, CacheError, CacheMismatchError, CacheReader, CacheWriter, Compressor, codec_from_json, get_codec
+from kvkd.cache import CODECS, CacheError, CacheReader, CacheWriter, Compressor, codec_from_json, get_codec
 from kvkd.cache.codecs import (
     PRESETS,
     CodecSet,
@@ -21,7 +22,7 @@ from kvkd.cache.codecs import (
     unpack_int4,
 )
 
-from .helpers import METADATA, TINY, make_rows, write_all
+from .helpers import METADATA, TINY, write_all
 
 COMPRESSORS = [Compressor("zstd", 3), Compressor("blosc", 5, "bit"), Compressor("none")]
 
@@ -69,7 +70,7 @@ def test_codec_round_trip_through_cache(tmp_path, name, compressor):
         assert out[key].dtype == rows[key].dtype
     assert reader.metadata["compressor"] == compressor.to_json()
     inner = reader.info()["arrays"]["keys"]["codecs"][0]["configuration"]["codecs"]
-    assert [c["name"] for c in inner] == ["bytes"] + ([] if compressor.name == "none" else [compressor.name])
+    assert [c["name"] for c in inner] == ["bytes"] + ([] if compressor.name == "none" else [compressor.name]) + ["crc32c"]
 
 
 def test_bfloat16_bits_match_torch():
@@ -274,27 +275,29 @@ def test_per_array_metadata_and_old_readers(url):
 
 
 @pytest.mark.parametrize("name", ["float16", "int8", "bfloat16"])
-def test_cache_of_one_codec_still_reads_and_resumes(url, name):
-    """A cache written before per-array codecs (one ``codec`` entry, registry codec ``int8`` per
-    vector) reads as that codec on every array, and resumes without a mismatch."""
-    old = get_codec(name)
-    writer = CacheWriter.open(url, TINY, METADATA, codec=CodecSet(dict.fromkeys(("keys", "values", "hidden"), old)))
-    layout = writer.layout
-    writer.write_shard(0, make_rows(layout, *layout.shard_range(0)))
-    writer.group.attrs.__delitem__("codecs")  # as an older kvkd wrote it
-    assert "codecs" not in CacheReader.open(url, allow_incomplete=True).metadata
-    resumed = CacheWriter.open(url, TINY, METADATA, codec=name if name != "int8" else old)
-    assert resumed.pending_shards() == [1, 2]
-    rows = write_all(resumed)
-    assert resumed.finalize()
-    reader = CacheReader.open(url)
-    assert all(c == old for _, c in reader.codecs.items())
+def test_schema_1_cache_of_one_codec_still_reads(url, tmp_path, name):
+    """A schema-1 cache (one ``codec`` entry; ``int8`` = the per-vector registry codec, not the
+    preset) reads as that codec on every array."""
+    old_codec = get_codec(name)
+    writer = CacheWriter.open(url, TINY, METADATA, codec=CodecSet(dict.fromkeys(("keys", "values", "hidden"), old_codec)))
+    rows = write_all(writer)
+    assert writer.finalize()
+    old = tmp_path / "old.zarr"
+    shutil.copytree(url, old)
+    shutil.rmtree(old / "shard_checksums")
+    meta = json.loads((old / "zarr.json").read_text())
+    attrs = meta["attributes"]
+    attrs["schema_version"] = 1
+    del attrs["checksums"], attrs["codecs"]  # as kvkd wrote schema 1: {"codec": {"name": "int8", ...}}
+    assert attrs["codec"] == old_codec.to_json()
+    (old / "zarr.json").write_text(json.dumps(meta))
+    reader = CacheReader.open(str(old))
+    assert all(c == old_codec for _, c in reader.codecs.items())
     out = reader.read(slice(None))
     for key in ("keys", "values", "hidden"):
-        np.testing.assert_array_equal(out[key], old.decode(old.encode(rows[key])))
-    if name == "int8":  # --codec int8 is now the per-array preset: resuming an old int8 cache with it is refused
-        with pytest.raises(CacheMismatchError, match="codec"):
-            CacheWriter.open(url, TINY, METADATA, codec="int8")
+        np.testing.assert_array_equal(out[key], old_codec.decode(old_codec.encode(rows[key])))
+    if name == "int8":  # the preset reads differently: the record, not the name, decides
+        assert reader.codecs != get_codecs("int8")
 
 
 def test_unreadable_codec_record_is_a_cache_error(url):
