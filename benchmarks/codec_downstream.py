@@ -143,7 +143,12 @@ def main() -> None:
     ap.add_argument("--tail", type=int, default=4, help="last steps whose losses are averaged")
     ap.add_argument("--loader-batches", type=int, default=8)
     ap.add_argument("--loader-repeats", type=int, default=3)
+    ap.add_argument("--tag", default="codec_downstream", help="name of the JSON/PNG results")
+    ap.add_argument("--combine", default="", help="comma-separated result names (e.g. from runs of other seeds in parallel): "
+                    "merge their runs into --tag's summary and plot, and train nothing")
     args = ap.parse_args()
+    if args.combine:
+        return combine(args)
     from kvkd.data import load_examples
     from kvkd.train.options import TrainConfig
     from kvkd.train.trainer import build_student, train
@@ -159,7 +164,7 @@ def main() -> None:
     tok = build_student(args.student, args.slots, TrainConfig(use_lora=False)).tokenizer
     res["loader_rows_per_s"] = loader_rows_per_s(urls, examples, tok, args.batch_size, args.loader_batches, args.loader_repeats)
     print("loader rows/s:", {c: round(v, 1) for c, v in res["loader_rows_per_s"].items()}, flush=True)
-    C.save("codec_downstream", res)
+    C.save(args.tag, res)
     with tempfile.TemporaryDirectory() as tmp:
         for seed in seeds:  # seed-major: a partial run has every codec for its first seeds
             for codec in codecs:
@@ -179,14 +184,34 @@ def main() -> None:
                 step_s = [r["mean_step_s"] for r in res["runs"]]
                 res["trainer_rows_per_s"] = args.batch_size / float(np.mean(step_s))
                 res["loader_over_trainer"] = {c: v / res["trainer_rows_per_s"] for c, v in res["loader_rows_per_s"].items()}
-                C.save("codec_downstream", res)
+                C.save(args.tag, res)
                 print(f"{codec} seed {seed}: held-out NLL {run['heldout_nll']:.4f}  kv {run['kv_tail']:.4f}  hidden {run['codi_tail']:.4f}  "
                       f"{run['mean_step_s']:.1f} s/step", flush=True)
                 shutil.rmtree(run_dir, ignore_errors=True)
+    report(res, codecs, args.tag)
+
+
+def combine(args) -> None:
+    """Merge the runs of several result files (same settings, other seeds) into ``args.tag``."""
+    parts = [json.loads((C.RESULTS / f"{name}.json").read_text()) for name in args.combine.split(",")]
+    res = {k: v for k, v in parts[0].items() if k not in ("benchmark", "machine")}
+    res["combined_from"] = {name: {"command": p["command"], "machine": p["machine"]} for name, p in zip(args.combine.split(","), parts)}
+    res["runs"] = [r for p in parts for r in p["runs"]]
+    codecs = args.codecs.split(",")
+    res["summary"] = summarise(res["runs"], codecs)
+    res["trainer_rows_per_s"] = args.batch_size / float(np.mean([r["mean_step_s"] for r in res["runs"]]))
+    res["loader_over_trainer"] = {c: v / res["trainer_rows_per_s"] for c, v in res["loader_rows_per_s"].items()}
+    C.save(args.tag, res)
+    report(res, codecs, args.tag)
+
+
+def report(res: dict, codecs: list[str], tag: str) -> None:
+    """Print the per-codec summary and plot the mean loss curves."""
     for c, s in res["summary"]["codecs"].items():
         (n, ns), (d, ds) = s["heldout_nll"], s["nll_delta_to_fp16"]
-        print(f"{c:6s} NLL {n:.4f} +- {ns:.4f}  delta {d:+.4f} +- {ds:.4f}  kv {s['kv_loss'][0]:.4f} +- {s['kv_loss'][1]:.4f}  "
+        print(f"{c:6s} seeds {s['seeds']} NLL {n:.4f} +- {ns:.4f}  delta {d:+.4f} +- {ds:.4f}  kv {s['kv_loss'][0]:.4f} +- {s['kv_loss'][1]:.4f}  "
               f"hidden {s['hidden_loss'][0]:.4f} +- {s['hidden_loss'][1]:.4f}  neutral {s['neutral']}")
+    print(f"loader rows/s {res['loader_rows_per_s']}, trainer {res['trainer_rows_per_s']:.3f} rows/s")
 
     def plot(ax):
         for c in codecs:
@@ -199,7 +224,7 @@ def main() -> None:
         ax.set_title("Same run, caches differing only in codec", fontsize=9)
         ax.legend(fontsize=7)
 
-    C.figure("codec_downstream", plot)
+    C.figure(tag, plot)
 
 
 if __name__ == "__main__":
