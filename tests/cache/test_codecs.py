@@ -319,3 +319,34 @@ def test_int8_preset_bytes_by_hand():
     arrays = TINY.arrays(get_codecs("int4"))
     assert arrays["keys"].shape == (2, 3, 4, 4) and arrays["keys"].dtype == np.uint8  # two per byte
     assert arrays["keys_scale"].shape == (2, 3, 8) and arrays["hidden_outlier_idx"].shape == (3, 8)
+
+
+def test_kvkd_extract_codec_presets_end_to_end(tmp_path, tiny_teacher, shared_data):
+    """``kvkd extract --codec int8/int4`` on a tiny model: the per-array codecs are recorded, the
+    cache verifies, and each array is within its codec's bound of the float32 extraction."""
+    from typer.testing import CliRunner
+
+    from kvkd.cli import app
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join((shared_data / "gsm8k" / "train.jsonl").read_text().splitlines()[:6]) + "\n")
+    runner = CliRunner()
+
+    def extract(codec):
+        out = tmp_path / f"{codec}.zarr"
+        r = runner.invoke(app, ["extract", "--model", str(tiny_teacher), "--data", str(data), "--out", str(out), "--slots", "3", "--codec", codec])
+        assert r.exit_code == 0, r.output
+        return str(out)
+
+    exact = CacheReader.open(extract("float32")).read(slice(None))
+    for preset in ("int8", "int4"):
+        url = extract(preset)
+        reader = CacheReader.open(url)
+        assert reader.codecs == get_codecs(preset) and reader.metadata["codecs"]["keys"]["name"] == PRESETS[preset]["keys"]
+        assert reader.verify() == []
+        out = reader.read(slice(None))
+        for array, codec in reader.codecs.items():
+            assert 0 < rel_rmse(exact[array], out[array]) <= codec.max_rel_rmse, array
+        np.testing.assert_array_equal(out["slot_pos"], exact["slot_pos"])  # slot metadata stored exactly
+    r = runner.invoke(app, ["extract", "--model", str(tiny_teacher), "--data", str(data), "--out", str(tmp_path / "x.zarr"), "--codec", "int3"])
+    assert r.exit_code == 2 and "--codec" in r.output and "int8" in r.output
