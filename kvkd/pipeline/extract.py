@@ -321,7 +321,6 @@ def check_options(cfg: ExtractConfig) -> tuple[int, int]:
     Raises:
         ValueError: naming the option (its CLI flag) and the fix.
     """
-    from kvkd.cache.codecs import CODECS
 
     if not cfg.out:
         raise ValueError("no output cache given: pass --out PATH")
@@ -333,8 +332,8 @@ def check_options(cfg: ExtractConfig) -> tuple[int, int]:
         raise ValueError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     if cfg.examples_per_shard < 0:
         raise ValueError(f"--examples-per-shard must be >= 0 (0 = about 32 MB per shard), got {cfg.examples_per_shard}")
-    if cfg.codec not in CODECS.names():
-        raise ValueError(f"--codec {cfg.codec!r} is not one of {', '.join(CODECS.names())}")
+    if cfg.codec not in _codec_names():
+        raise ValueError(f"--codec {cfg.codec!r} is not one of {', '.join(_codec_names())}")
     try:
         Compressor.parse(cfg.compressor)
     except ValueError as e:
