@@ -381,6 +381,7 @@ def prepare(cfg: TrainConfig) -> Run:
     check_options(cfg)
     cfg = absolute_paths(cfg)
     rundir = RunDir(cfg.out)
+    readers, metas = open_teachers(cfg)  # read-only: a damaged cache is refused before the run folder exists
     stack = contextlib.ExitStack()
     try:
         if _rank() == 0:
@@ -395,7 +396,6 @@ def prepare(cfg: TrainConfig) -> Run:
         if done >= cfg.steps:
             return Run(cfg, rundir, done, True, stack=stack)
         torch.manual_seed(cfg.seed)
-        readers, metas = open_teachers(cfg)
         examples = load_training_examples(cfg, metas[0])
         trainee = build_trainee(cfg, metas)  # same seed on every rank: identical initial weights
         if trainee.router.needs_dataset_nll:  # e.g. difficulty bins: cached NLL of every training row
