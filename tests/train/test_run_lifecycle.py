@@ -260,3 +260,44 @@ def test_training_killed_with_sigkill_at_random_points_resumes_to_the_uninterrup
     assert not [p.name for p in (run / "checkpoints").iterdir() if not p.name.startswith("step-")]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["final_loss"] == _log(tmp_path / "full")[-1]["loss"]
+
+
+def test_export_has_a_model_card_and_loads_in_a_fresh_process(caches, tmp_path, tiny_student, shared_data):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from kvkd.train.export import export_run
+
+    train(_cfg(caches, tmp_path / "run", tiny_student, steps=2))
+    (tmp_path / "run" / "cell.json").write_text(json.dumps({"evals": {"gsm8k": {"n": 40, "accuracy": 0.25, "ci_low": 0.14, "ci_high": 0.4, "mean_answer_nll": 1.5}}}))
+    out = export_run(tmp_path / "run", tmp_path / "export")
+    card = (out / "README.md").read_text()
+    assert f"`{tiny_student}`" in card and "`similarity`" in card and "step 2 of 2" in card and "M = 4" in card
+    assert caches["nl"] in card and caches["eq"] in card and "| gsm8k | 40 | 25.0% | 14.0-40.0% | 1.500 |" in card
+    assert "kvkd eval --run THIS_FOLDER" in card
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert {stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()} == {0o666 & ~mask}  # safetensors too
+    code = ("import json, sys, torch\n"
+            "from transformers import AutoModelForCausalLM\n"
+            "from kvkd.train.export import load_export\n"
+            "lm = AutoModelForCausalLM.from_pretrained(sys.argv[1])\n"
+            "assert 'quantization_config' not in json.load(open(sys.argv[1] + '/config.json'))\n"
+            "student, meta = load_export(sys.argv[1])\n"
+            "print(json.dumps({'latents': meta['num_latents'], 'step': meta['step'], 'torch': meta['provenance']['versions']['torch'],\n"
+            "                  'finite': all(bool(torch.isfinite(p).all()) for p in lm.parameters())}))\n")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2]), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["latents"] == 4 and got["step"] == 2 and got["finite"] and got["torch"]
+
+
+def test_a_null_quantization_config_is_dropped(tmp_path):
+    from kvkd.train.export import _drop_null_keys
+
+    p = tmp_path / "config.json"
+    p.write_text(json.dumps({"model_type": "llama", "quantization_config": None, "pad_token_id": None}))
+    _drop_null_keys(p)
+    assert json.loads(p.read_text()) == {"model_type": "llama", "pad_token_id": None}
