@@ -17,7 +17,7 @@ on top of (7); then CA-MKD, AE-KD, grad-cosine and MTKD-RL, also on top of (7).
 Output folder::
 
     OUT/sweep.json                  resolved options and grid
-    OUT/cells/ROW/seed-S/           the run folder (config, log.jsonl, checkpoints) + cell.json + eval-*.jsonl
+    OUT/cells/ROW/seed-S/           the run folder (config, log.jsonl, checkpoints) + cell.json + evals/DATASET-SPLIT.../
     OUT/results.md, results.csv     mean +- std over seeds per row and eval set
     OUT/loss.png, weights.png       training loss per row; router weights per teacher over steps
 """
@@ -195,7 +195,7 @@ def _cell_configs(cfg: SweepConfig, row: dict, seed: int, cell_dir: Path):
     tcfg = TrainConfig(caches=caches, out=str(cell_dir), seed=seed, **opts)
     ecfgs = {
         name: EvalConfig(run=str(cell_dir), mode="latent", data=path, split=split, limit=cfg.eval_limit, seed=seed,
-                         answer_check="math" if "math" in name.lower() else "numeric", out=str(cell_dir / f"eval-{name}.jsonl"),
+                         answer_check="math" if "math" in name.lower() else "auto",
                          num_threads=cfg.num_threads, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
         for name, path, split in _eval_sets(cfg)
     }

@@ -32,7 +32,7 @@ needs_data = pytest.mark.skipif(
         ("answer is 2.0", "2"),
         ("Final Answer: 42.", "42"),
         ("the answer is:\n\n42", "42"),
-        ("The final answer is $\\boxed{\\frac{1}{2}}$.", "0.5"),
+        ("The final answer is $\\boxed{\\frac{1}{2}}$.", "1/2"),
         ("Therefore the answer is \\boxed{1,\\!200}.", "1200"),
         ("The answer is \\boxed{50\\%}", "50"),
         ("Self-correction: the answer is 5. Wait, 2 + 4 = 6. The answer is 6.", "6"),
