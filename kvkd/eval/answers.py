@@ -44,7 +44,7 @@ NUMERIC_KINDS = ("number", "fraction", "mixed", "ordinal")  # kinds compared by 
 
 # "The answer is", "the final answer is:", "Answer:", "####" (GSM8K). The answer must follow on
 # the same line (or the next non-empty one if the marker ends its line), before the next marker.
-_ANCHOR_RE = re.compile(r"####|\banswer\s*(?:is\b|:)", re.IGNORECASE)
+_ANCHOR_RE = re.compile(r"####|\banswer\s*(?:is\b[ \t]*:?|:)", re.IGNORECASE)
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\s*\{")
 _BOXED_NOISE_RE = re.compile(r"\\text\{[^{}]*\}|\\mbox\{[^{}]*\}|\^\{?\\circ\}?|\\[!,;: ]|\{,\}|\\%|%|\\left|\\right")
 _UNESCAPED_DOLLAR_RE = re.compile(r"(?<!\\)\$")
