@@ -11,7 +11,7 @@ answer (nats/token; teacher-forced, after the same prefix), which moves long bef
 accuracy does on small models and short runs.
 
 Before anything is loaded or generated, the answer check is fixed (``auto``: math-verify for
-a MATH-format set or gold answers the numeric check cannot represent, else numeric) and
+a MATH-like set or gold answers the numeric check cannot represent, else numeric) and
 checked against every gold answer, the output folder is created and tested for writing, and
 (for a run) the eval questions are compared with the run's training rows.
 
@@ -62,8 +62,9 @@ class EvalConfig(DataSelection, RuntimeArgs):
         latents: M for an untrained latent student.
         batch_size: examples per decoding batch.
         max_new_tokens: generated tokens at most (answer modes); cot_max_new_tokens for ``cot``.
-        answer_check: ``auto`` (math for MATH-format sets or gold answers that are not
-            numbers, fractions, ratios or times; else numeric), ``numeric`` or ``math``.
+        answer_check: ``auto`` (math for MATH-like sets, with ``\\boxed{}`` solutions, or
+            gold answers that are not numbers, fractions, ratios or times; else numeric),
+            ``numeric`` or ``math``.
         out: this evaluation's folder ("" = a new ``RUN/evals/DATASET-SPLIT...`` or
             ``./evals/...``); a folder that already holds a ``metrics.json`` is refused.
         seed: RNG seed (the untrained student's projection init).
@@ -78,7 +79,7 @@ class EvalConfig(DataSelection, RuntimeArgs):
     batch_size: int = opt(8, help="Examples per decoding batch")
     max_new_tokens: int = opt(12, help="Generated tokens at most (the answer)")
     cot_max_new_tokens: int = opt(200, help="Generated tokens at most in cot mode (reasoning and answer)")
-    answer_check: str = opt("auto", help="auto (math for MATH-format or non-numeric gold answers, else numeric), "
+    answer_check: str = opt("auto", help="auto (math for MATH-like sets or non-numeric gold answers, else numeric), "
                             "numeric (numbers, fractions, ratios, times by value) or math (math-verify)", choices=ANSWER_CHECKS)
     out: str = opt("", help="Folder of this eval (metrics.json, predictions.jsonl); one holding metrics.json is refused",
                    default_text="a new RUN/evals/DATASET-SPLIT folder (./evals/... without --run)")
@@ -142,8 +143,9 @@ def versions() -> dict[str, str]:
 
 def choose_answer_check(requested: str, data: LoadResult) -> str:
     """The answer check of an evaluation: ``requested`` unless ``auto``, which picks ``math``
-    for a MATH-format set or when a gold answer is not a number, fraction, ratio or time
-    (numeric could not score it), else ``numeric``.
+    for a MATH-like set (format ``math``, or a solution with ``\\boxed{}``) or when a gold
+    answer is not a number, fraction, ratio or time (numeric could not score it), else
+    ``numeric``.
 
     Raises:
         ValueError: an unknown check.
@@ -152,7 +154,7 @@ def choose_answer_check(requested: str, data: LoadResult) -> str:
         raise ValueError(f"unknown --answer-check {requested!r}; choose one of {ANSWER_CHECKS}")
     if requested != "auto":
         return requested
-    if data.fmt == "math" or any(parse_answer(ex.answer).kind == "other" for ex in data.examples):
+    if data.fmt == "math" or any(parse_answer(ex.answer).kind == "other" or "\\boxed" in ex.cot for ex in data.examples):
         return "math"
     return "numeric"
 
@@ -203,15 +205,18 @@ def eval_folder(cfg: EvalConfig, data: LoadResult) -> Path:
                 raise FileExistsError(f"--out {folder} already holds a finished evaluation ({METRICS_FILE}); "
                                       "choose another --out, or leave it out for a new folder")
             folder.mkdir(parents=True, exist_ok=True)
+            folder = folder.resolve()
         else:
             root = Path(cfg.run) / "evals" if cfg.run else Path("evals")
             name = _dataset_name(data, cfg.split)
             if cfg.offset or cfg.limit is not None:
                 start = cfg.offset or 0
                 name += f"-rows{start}-{start + len(data.examples)}"
-            if cfg.mode != "latent" or cfg.untrained:
-                name += f"-{cfg.mode}" + ("-untrained" if cfg.untrained else "")
-            folder = new_folder(root, name)
+            if cfg.mode != "latent":
+                name += f"-{cfg.mode}"
+            elif cfg.untrained:
+                name += "-untrained"
+            folder = new_folder(root.resolve(), name)
         probe = folder / ".write-test"
         probe.write_text("")
         probe.unlink()
