@@ -38,6 +38,7 @@ from typing import Callable
 from kvkd.config import ConfigError, RuntimeArgs, opt, override
 from kvkd.train.options import OptimArgs, parse_key_values
 
+from kvkd.eval.overlap import refuse_cache_overlap
 from kvkd.eval.report import read_log
 
 _ON_TOP_OF_7 = {"kv_weighting": "importance", "a3": 1.0}
@@ -253,6 +254,7 @@ def run_sweep(cfg: SweepConfig, on_cell: Callable[[str, int, str], None] | None 
         dict with ``table`` (Markdown), ``csv``, ``loss_png``, ``weights_png``, ``cells`` (CellResult dicts).
     Raises:
         ValueError: bad grid or options (no caches, no seeds, unknown row names).
+        kvkd.data.DataError: an eval set shares rows with the caches' training rows.
         RuntimeError: a cell's subprocess failed (names the cell and its folder).
     """
     if not cfg.caches:
@@ -271,6 +273,7 @@ def run_sweep(cfg: SweepConfig, on_cell: Callable[[str, int, str], None] | None 
     for c in cfg.caches:
         if "://" not in c and not Path(c).exists():
             raise ValueError(f"teacher cache {c} does not exist")
+    refuse_cache_overlap(cfg.caches[0], _eval_sets(cfg))  # eval questions among the training rows: refuse up front
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "sweep.json").write_text(json.dumps({"config": asdict(cfg), "rows": rows}, indent=2))

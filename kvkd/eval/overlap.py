@@ -22,7 +22,10 @@ from typing import Iterable
 
 from kvkd.data import DataError, Example, load_examples
 
-__all__ = ["Overlap", "find_overlap", "held_out_examples", "question_key", "refuse_overlap", "run_training_examples"]
+__all__ = [
+    "Overlap", "cache_training_examples", "find_overlap", "held_out_examples", "question_key", "refuse_cache_overlap",
+    "refuse_overlap", "run_training_examples",
+]
 
 
 def question_key(text: str) -> str:
@@ -147,3 +150,21 @@ def refuse_overlap(train: list[Example], held_out: str | None, flag: str = "--ev
     if found:
         raise DataError(f"{flag} {held_out}: {found.describe('evaluation rows', 'the training rows')}. "
                         "Train on rows without them (or evaluate on another set)")
+
+
+def refuse_cache_overlap(cache: str, eval_sets: Iterable[tuple[str, str, str | None]]) -> None:
+    """Raise if any evaluation set shares rows with the rows a teacher cache (hence every run
+    trained on it) holds; for ``kvkd sweep``, before any cell.
+
+    Args:
+        cache: a teacher cache path or URL.
+        eval_sets: ``(name, source, split)`` per evaluation set.
+    Raises:
+        DataError: names the eval set, the overlap count and the first ids.
+    """
+    train = cache_training_examples(cache)
+    for name, source, split in eval_sets:
+        found = find_overlap(train, load_examples(source, split=split).examples)
+        if found:
+            raise DataError(f"eval set {name}: {found.describe('evaluation rows', 'the rows of cache ' + cache)}. "
+                            "Extract the caches from rows without them (or evaluate on another set)")

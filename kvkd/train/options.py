@@ -160,6 +160,9 @@ class TrainConfig(DataSelection, OptimArgs, LossArgs, LoraArgs, LoaderArgs, Runt
             (0 = only at the end); keep_checkpoints: newest checkpoints kept.
         deepspeed: DeepSpeed JSON config path (ZeRO 1/2/3, offload, bf16); empty = one process
             without DeepSpeed. See ``kvkd.train.engines``.
+        eval_data: an evaluation set (file, or folder: its ``test`` split or only split); training
+            is refused before it starts if any eval question (normalised text) or id is among
+            the training rows (``kvkd.eval.overlap``). Empty = no check.
     """
 
     caches: list[str] = opt(factory=list, cli="cache", help="A teacher cache (path or URL); repeat for several teachers")
@@ -180,6 +183,7 @@ class TrainConfig(DataSelection, OptimArgs, LossArgs, LoraArgs, LoaderArgs, Runt
     save_every: int = opt(50, help="Steps between checkpoints (0 = at the end only)")
     keep_checkpoints: int = opt(2, help="Newest checkpoints kept")
     deepspeed: str = opt("", help="DeepSpeed JSON config (ZeRO 1/2/3, offload, bf16; e.g. kvkd/configs/ds_zero2.json); launch with deepspeed or torchrun")
+    eval_data: str = opt("", help="Evaluation set (file, or folder: its test split) checked before training: refused if any of its questions is among the training rows")
 
     def __post_init__(self):
         if self.router_weights is not None:  # one place for fixed weights: the router's options

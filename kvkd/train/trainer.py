@@ -33,6 +33,7 @@ from kvkd.cache.compat import check_compatible, check_same_tokenizer, get_field
 from kvkd.cache.errors import CacheMismatchError
 from kvkd.cache.reader import CacheReader
 from kvkd.data import dataset_fingerprint, load_examples
+from kvkd.eval.overlap import refuse_overlap
 from kvkd.models import load_model, tokenizer_identity
 from kvkd.prompts import PromptTemplate
 from kvkd.train.align import Shape, TeacherAligner, layer_map, layer_maps_per_teacher
@@ -418,6 +419,7 @@ def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) ->
     run = Path(cfg.out)
     readers, metas = open_teachers(cfg)
     examples = load_training_examples(cfg, metas[0])
+    refuse_overlap(examples, cfg.eval_data)  # eval questions among the training rows: refuse before training
     trainee = build_trainee(cfg, metas)  # same seed on every rank: identical initial weights
     tok = trainee.student.tokenizer
     if trainee.router.needs_dataset_nll:  # e.g. difficulty bins: cached NLL of every training row
