@@ -34,7 +34,8 @@ def read_log(run_dir: str | Path) -> list[dict]:
 
 
 def plot_run(run_dir: str | Path, out_png: str | Path) -> Path:
-    """Plot a run's losses (total, CE, per-teacher CODI, KV and CKA) and router weights per teacher.
+    """Plot a run's losses (total, CE, validation NLL if logged, per-teacher CODI, KV and CKA)
+    and router weights per teacher.
 
     Raises:
         FileNotFoundError: the run has no log; ValueError: the log is empty.
@@ -52,6 +53,9 @@ def plot_run(run_dir: str | Path, out_png: str | Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     axes[0].plot(steps, [e["loss"] for e in log], label="total")
     axes[0].plot(steps, [e["ce"] for e in log], label="CE")
+    valid = [(e["step"], e["valid_nll"]) for e in log if e.get("valid_nll") is not None]
+    if valid:  # --valid-data: validation gold-answer NLL
+        axes[0].plot(*zip(*valid), "o-", label="validation NLL")
     axes[0].set_title("loss")
     for k in range(K):
         axes[1].plot(steps, [e["codi"][k] for e in log], label=f"CODI t{k}")

@@ -34,6 +34,7 @@ from kvkd.cache.errors import CacheMismatchError
 from kvkd.cache.reader import CacheReader
 from kvkd.data import dataset_fingerprint, load_examples
 from kvkd.eval.overlap import refuse_overlap
+from kvkd.eval.validation import Validator
 from kvkd.models import load_model, tokenizer_identity
 from kvkd.prompts import PromptTemplate
 from kvkd.train.align import Shape, TeacherAligner, layer_map, layer_maps_per_teacher
@@ -63,6 +64,7 @@ class StepLog:
     lr: float
     step_s: float
     examples_per_s: float
+    valid_nll: float | None = None  # --valid-data: validation gold-answer NLL after this step
 
 
 @dataclass
@@ -420,6 +422,7 @@ def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) ->
     readers, metas = open_teachers(cfg)
     examples = load_training_examples(cfg, metas[0])
     refuse_overlap(examples, cfg.eval_data)  # eval questions among the training rows: refuse before training
+    validator = Validator(cfg, examples, run)  # --valid-data: held-out rows, scored during training
     trainee = build_trainee(cfg, metas)  # same seed on every rank: identical initial weights
     tok = trainee.student.tokenizer
     if trainee.router.needs_dataset_nll:  # e.g. difficulty bins: cached NLL of every training row
@@ -477,6 +480,9 @@ def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) ->
             step_times.append(entry.step_s)
             seen += len(global_batches[step - start])
             weight_sums += torch.tensor(entry.weights)
+            if validator.due(entry.step):
+                entry.valid_nll = validator(entry.step, trainee.student, engine)
+                last = time.perf_counter()  # validation time is not step time
             if lead:
                 log.write(json.dumps(asdict(entry)) + "\n")
                 log.flush()

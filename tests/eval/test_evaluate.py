@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 
 import kvkd.eval.evaluate as ev
 from kvkd.data import DataError, dataset_fingerprint, load_examples
-from kvkd.eval.evaluate import EvalConfig, choose_answer_check, evaluate, validate
+from kvkd.eval.evaluate import EvalConfig, choose_answer_check, evaluate
+from kvkd.eval.validation import validate
 
 ROWS = [  # (id, question, gold, model output)
     ("r1", "Mix 3 cups of flour with 4 of sugar: ratio?", "3:4", "The answer is: 3"),
@@ -182,3 +183,25 @@ def test_validate_matches_evaluate_on_a_tiny_student(tiny_student, tmp_path):
     assert res.accuracy == pytest.approx(with_acc.accuracy)
     with pytest.raises(ValueError, match="no validation rows"):
         validate(student, [])
+
+
+def test_validation_during_training_logs_and_keeps_the_best(cached, tmp_path, tiny_student):
+    from kvkd.train.trainer import TrainConfig, train
+
+    valid = cached["clean"]  # GSM8K test rows: not among the cached GSM8K-train rows
+    cfg = TrainConfig(caches=[cached["cache"]], out=str(tmp_path / "run"), student=str(tiny_student), steps=3, batch_size=2,
+                      lora_r=2, num_workers=0, lr=1e-2, warmup_steps=1, save_every=0, valid_data=valid, valid_every=2, valid_limit=2)
+    train(cfg)
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    logged = {e["step"]: e["valid_nll"] for e in log}
+    assert logged[1] is None and isinstance(logged[2], float) and isinstance(logged[3], float)  # every 2 steps and the last
+    best = json.loads((tmp_path / "run" / "best" / "best.json").read_text())
+    assert best["valid_nll"] == min(logged[2], logged[3]) and best["step"] in (2, 3) and best["rows"] == 2
+    # RUN/best is a run folder: kvkd eval scores the kept student, with the logged NLL
+    res = evaluate(EvalConfig(run=str(tmp_path / "run" / "best"), data=valid, limit=2, max_new_tokens=1))
+    assert res.mean_answer_nll == pytest.approx(best["valid_nll"], rel=1e-4) and res.warnings == []
+    # validation rows that were trained on are refused before training
+    bad = TrainConfig(**{**cfg.__dict__, "out": str(tmp_path / "bad"), "valid_data": cached["leaked"]})
+    with pytest.raises(DataError, match="--valid-data .*leaked.jsonl: 1 of 2 validation rows are among the training rows"):
+        train(bad)
+    assert not (tmp_path / "bad").exists()

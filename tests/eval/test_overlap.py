@@ -31,23 +31,6 @@ def test_find_overlap_hand_made():
     assert question_key("A\u00a0 B\tc") == question_key("a b C")  # NFKC: no-break space is a space
 
 
-@pytest.fixture(scope="module")
-def cached(tmp_path_factory, shared_data, tiny_teacher):
-    from kvkd.pipeline.extract import ExtractConfig, extract
-
-    root = tmp_path_factory.mktemp("overlap")
-    data = root / "train.jsonl"
-    data.write_text("\n".join((shared_data / "gsm8k" / "train.jsonl").read_text().splitlines()[:4]) + "\n")
-    extract(ExtractConfig(model=str(tiny_teacher), data=str(data), out=str(root / "c.zarr"), slots=2, batch_size=4))
-    rows = load_examples(str(data)).examples
-    leaked = root / "leaked.jsonl"  # an eval set holding training row 2's question under another id
-    leaked.write_text(json.dumps({"id": "test-7", "question": rows[2].question.upper(), "cot": "", "answer": rows[2].answer}) + "\n"
-                      + (shared_data / "gsm8k" / "test.jsonl").read_text().splitlines()[0] + "\n")
-    clean = root / "clean.jsonl"
-    clean.write_text("\n".join((shared_data / "gsm8k" / "test.jsonl").read_text().splitlines()[:3]) + "\n")
-    return {"cache": str(root / "c.zarr"), "rows": rows, "leaked": str(leaked), "clean": str(clean)}
-
-
 def test_training_rows_of_a_run(cached, tmp_path):
     run = tmp_path / "run"
     run.mkdir()
