@@ -218,7 +218,7 @@ def resolve_traces(examples: list[Example], cfg: ExtractConfig) -> tuple[list[st
 
 
 def cache_metadata(cfg: ExtractConfig, loaded: LoadedModel, data: LoadResult, template: PromptTemplate, frame: str, fallback_ids: list[str] = ()) -> dict:
-    """The JSON metadata of a teacher cache (DESIGN.md section 3)."""
+    """The JSON metadata of a teacher cache (docs/design.md, section 3)."""
     return {
         "teacher": loaded.info,
         "tokenizer": tokenizer_identity(loaded.tokenizer),
