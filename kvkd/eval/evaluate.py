@@ -27,6 +27,7 @@ so a folder with a ``metrics.json`` holds a finished evaluation.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -195,12 +196,15 @@ def eval_folder(cfg: EvalConfig, data: LoadResult) -> Path:
     the data set, split, row window and mode, with ``-2``, ``-3``, ... added when taken.
 
     Raises:
+        ValueError: ``--out`` names a ``.jsonl``/``.json`` file instead of a folder.
         FileExistsError: ``--out`` already holds a finished evaluation (``metrics.json``).
         PermissionError: the folder cannot be created or written (names it and ``--out``).
     """
     try:
         if cfg.out:
             folder = Path(cfg.out)
+            if folder.suffix in (".jsonl", ".json"):
+                raise ValueError(f"--out {folder}: give a folder (it receives {METRICS_FILE} and {PREDICTIONS_FILE}), not a file name")
             if (folder / METRICS_FILE).exists():
                 raise FileExistsError(f"--out {folder} already holds a finished evaluation ({METRICS_FILE}); "
                                       "choose another --out, or leave it out for a new folder")
@@ -323,7 +327,20 @@ def evaluate(cfg: EvalConfig, on_progress: Callable[[int, int], None] | None = N
     examples = data.examples
     check = choose_answer_check(cfg.answer_check, data)
     gold_kinds = check_gold_answers(((ex.id, ex.answer) for ex in examples), check, f"--data {cfg.data}")
+    fresh = not cfg.out or not Path(cfg.out).exists()
     folder = eval_folder(cfg, data)
+    try:
+        return _run_eval(cfg, data, check, gold_kinds, folder, student, on_progress, on_warning)
+    except BaseException:
+        if fresh:  # a failed eval leaves no empty folder behind (one with files is kept, for a look)
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _run_eval(cfg: EvalConfig, data: LoadResult, check: str, gold_kinds: dict, folder: Path, student, on_progress, on_warning) -> EvalResult:
+    """The part of :func:`evaluate` after every input check: load, generate, score, write."""
+    examples = data.examples
     warnings = _contamination_warnings(cfg.run, examples) if cfg.mode == "latent" and cfg.run else []
     for w in warnings:
         if on_warning:

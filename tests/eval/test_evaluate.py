@@ -102,6 +102,8 @@ def test_finished_out_folder_is_refused(tmp_path, fixed_outputs):
     evaluate(EvalConfig(data=str(data), untrained=True, model="unused", out=str(out)), student=object())
     with pytest.raises(FileExistsError, match="already holds a finished evaluation"):
         evaluate(EvalConfig(data=str(data), untrained=True, model="unused", out=str(out)), student=object())
+    with pytest.raises(ValueError, match="--out .*preds.jsonl: give a folder"):
+        evaluate(EvalConfig(data=str(data), untrained=True, model="unused", out=str(tmp_path / "preds.jsonl")), student=object())
     assert fixed_outputs == [7]
 
 
@@ -157,6 +159,10 @@ def test_cli_errors_are_one_line(tmp_path):
     r = CliRunner().invoke(app, ["eval", "--run", str(tmp_path / "nope"), "--data", str(data)])
     assert r.exit_code == 2 and "not a kvkd train run folder" in r.output
     assert not (tmp_path / "nope").exists()  # no eval folder left behind in a missing run
+    r = CliRunner().invoke(app, ["eval", "--model", str(tmp_path / "no-model"), "--mode", "nocot", "--data", str(data),
+                                 "--answer-check", "math", "--out", str(tmp_path / "failed")])
+    assert r.exit_code == 2 and "Traceback" not in r.output
+    assert not (tmp_path / "failed").exists()  # the model failed to load: no empty eval folder left
     r = CliRunner().invoke(app, ["--version"])
     assert r.exit_code == 0 and r.output.startswith("kvkd ") and "torch " in r.output and "transformers " in r.output
 
