@@ -274,6 +274,37 @@ def _latent_predictions(student, examples: list[Example], batch_size: int, max_n
     return texts, nlls
 
 
+@torch.no_grad()
+def _text_predictions(loaded, examples: list[Example], cfg: EvalConfig, on_progress) -> tuple[list[str], list[float]]:
+    model, tok = loaded.model, loaded.tokenizer
+    template = PromptTemplate()
+    tok.padding_side = "left"
+    texts, nlls = [], []
+    for chunk in _batches(examples, cfg.batch_size):
+        if cfg.mode == "cot":
+            prompts = [template.question_text(ex.question) for ex in chunk]
+            max_new = cfg.cot_max_new_tokens
+        else:
+            prompts = [template.question_text(ex.question) + template.answer_prefix for ex in chunk]
+            max_new = cfg.max_new_tokens
+        enc = tok(prompts, return_tensors="pt", padding=True).to(model.device)
+        gen = model.generate(**enc, max_new_tokens=max_new, do_sample=False, pad_token_id=tok.pad_token_id)
+        for row, prompt in zip(gen[:, enc["input_ids"].shape[1] :], prompts):
+            text = tok.decode(row, skip_special_tokens=True)
+            texts.append((template.answer_prefix if cfg.mode == "nocot" else "") + (text.split("\n")[0] if cfg.mode == "nocot" else text))
+        for ex in chunk:  # gold-answer NLL after "Q\nThe answer is: ", answer tokens found by offsets
+            text, (a_start, a_end) = template.answer_text(ex.answer)
+            head = template.question_text(ex.question)
+            enc = tok(head + text, return_offsets_mapping=True)
+            first, stop = token_span(enc["offset_mapping"], (len(head) + a_start, len(head) + a_end))
+            ids = torch.tensor([enc["input_ids"]], device=model.device)
+            logits = model(input_ids=ids).logits[0, first - 1 : stop - 1].float()
+            nlls.append(float(torch.nn.functional.cross_entropy(logits, ids[0, first:stop])))
+        if on_progress:
+            on_progress(len(texts), len(examples))
+    return texts, nlls
+
+
 def _check_run_folder(run: str) -> None:
     from kvkd.train.export import is_export
 

@@ -211,3 +211,14 @@ def test_validation_during_training_logs_and_keeps_the_best(cached, tmp_path, ti
     with pytest.raises(DataError, match="--valid-data .*leaked.jsonl: 1 of 2 validation rows are among the training rows"):
         train(bad)
     assert not (tmp_path / "bad").exists()
+
+
+def test_plain_model_baselines_on_a_tiny_model(tiny_student, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    data = _write_rows(tmp_path / "rows.jsonl", ROWS[:3])
+    for mode in ("nocot", "cot"):
+        res = evaluate(EvalConfig(model=str(tiny_student), mode=mode, data=str(data), max_new_tokens=2, cot_max_new_tokens=3, batch_size=2))
+        assert res.n == 3 and res.mode == mode and 0 < res.mean_answer_nll < 30
+        assert Path(res.folder) == tmp_path / "evals" / f"rows-{mode}"
+        preds = [json.loads(x) for x in Path(res.predictions).read_text().splitlines()]
+        assert len(preds) == 3 and all(p["status"] in ("compared", "no_answer") for p in preds)
