@@ -34,6 +34,20 @@ from kvkd.train.options import TrainConfig
 app = typer.Typer(help="kvkd: multi-teacher KV-cache distillation of LLM reasoning (KaVa/CODI).", no_args_is_help=True, add_completion=False, rich_markup_mode=None)
 cache_app = typer.Typer(help="Inspect and verify teacher caches.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(cache_app, name="cache")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from kvkd.eval.evaluate import versions
+
+        v = versions()
+        console.print(f"kvkd {v['kvkd']} (torch {v['torch']}, transformers {v['transformers']})", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the versions of kvkd, torch and transformers, then exit.")):
+    """kvkd: multi-teacher KV-cache distillation of LLM reasoning (KaVa/CODI)."""
 # In a log file (SLURM, nohup) rich would wrap tables at 80 columns: give it room instead.
 console = Console() if sys.stdout.isatty() else Console(width=int(os.environ.get("COLUMNS", "200")))
 
@@ -373,9 +387,15 @@ def train(flags: dict, config: Optional[str], local_rank: Optional[int]):
 # ----------------------------------------------------------------------------- eval
 @config_command(app, EvalConfig, "eval")
 def eval_cmd(flags: dict, config: Optional[str]):
-    """Evaluate a trained run (latent decoding) or a plain model; accuracy with 95% CI and gold-answer NLL."""
+    """Evaluate a trained run (latent decoding) or a plain model; accuracy with 95% CI and gold-answer NLL.
+
+    Writes metrics.json and predictions.jsonl into a new folder per evaluation (RUN/evals/DATASET-SPLIT...).
+    """
     from kvkd.eval.evaluate import evaluate
     from kvkd.eval.report import results_table
+
+    def warn(message: str) -> None:
+        console.print(f"[bold yellow]warning:[/] {message}", markup=True, highlight=False)
 
     try:
         cfg = _resolve(EvalConfig, "eval", config, flags)
@@ -383,11 +403,14 @@ def eval_cmd(flags: dict, config: Optional[str]):
             raise ConfigError("no evaluation data: pass --data")
         with _progress("examples") as prog:
             task = prog.add_task("eval", total=None, rate="")
-            result = evaluate(cfg, on_progress=lambda d, n: prog.update(task, completed=d, total=n))
+            result = evaluate(cfg, on_progress=lambda d, n: prog.update(task, completed=d, total=n), on_warning=warn)
     except ERRORS as err:
         _fail(err)
     console.print(results_table([result]))
-    console.print(f"predictions: {result.predictions}")
+    kinds = ", ".join(f"{k} {v}" for k, v in result.gold_kinds.items())
+    console.print(f"answer check: {result.answer_check} (gold answers: {kinds}); no answer found in {result.no_answer} outputs"
+                  + (f"; {result.unparsed} compared as strings (math-verify could not read them)" if result.answer_check == "math" else ""))
+    console.print(f"metrics: {result.metrics}\npredictions: {result.predictions}")
 
 
 # ----------------------------------------------------------------------------- export

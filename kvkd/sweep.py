@@ -21,8 +21,8 @@ SIM-CoT's step-level supervision of the latents by each teacher's reasoning step
 Output folder::
 
     OUT/sweep.json                  resolved options and grid
-    OUT/cells/ROW/seed-S-KEY/       the run folder (config, log.jsonl, checkpoints) + train.json + cell.json + eval-*.jsonl
-    OUT/results.md, results.csv     mean +- std over seeds per row and eval set
+    OUT/cells/ROW/seed-S-KEY/       the run folder (config, log.jsonl, checkpoints) + train.json + cell.json + evals/DATASET-SPLIT.../
+    OUT/results.md, results.csv     mean +- std over seeds per row and eval set (CSV: numeric columns)
     OUT/loss.png, weights.png       training loss per row; router weights per teacher over steps
 """
 
@@ -43,6 +43,7 @@ from typing import Callable
 from kvkd.config import ConfigError, RuntimeArgs, opt, override
 from kvkd.train.options import OptimArgs, parse_key_values
 
+from kvkd.eval.overlap import refuse_cache_overlap
 from kvkd.eval.report import read_log
 
 _ON_TOP_OF_7 = {"kv_weighting": "importance", "a3": 1.0}
@@ -203,7 +204,7 @@ def _cell_configs(cfg: SweepConfig, row: dict, seed: int, cell_dir: Path):
     tcfg = TrainConfig(caches=caches, out=str(cell_dir), seed=seed, **opts)
     ecfgs = {
         name: EvalConfig(run=str(cell_dir), mode="latent", data=path, split=split, limit=cfg.eval_limit, seed=seed,
-                         answer_check="math" if "math" in name.lower() else "numeric", out=str(cell_dir / f"eval-{name}.jsonl"),
+                         answer_check="math" if "math" in name.lower() else "auto",
                          num_threads=cfg.num_threads, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
         for name, path, split in _eval_sets(cfg)
     }
@@ -310,6 +311,7 @@ def run_sweep(cfg: SweepConfig, on_cell: Callable[[str, int, str], None] | None 
         dict with ``table`` (Markdown), ``csv``, ``loss_png``, ``weights_png``, ``cells`` (CellResult dicts).
     Raises:
         ValueError: bad grid or options (no caches, no seeds, unknown row names).
+        kvkd.data.DataError: an eval set shares rows with the caches' training rows.
         RuntimeError: a cell's subprocess failed (names the cell and its folder).
     """
     if not cfg.caches:
@@ -328,6 +330,7 @@ def run_sweep(cfg: SweepConfig, on_cell: Callable[[str, int, str], None] | None 
     for c in cfg.caches:
         if "://" not in c and not Path(c).exists():
             raise ValueError(f"teacher cache {c} does not exist")
+    refuse_cache_overlap(cfg.caches[0], _eval_sets(cfg))  # eval questions among the training rows: refuse up front
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cells = {(row["name"], seed): cell_dir(cfg, row, seed) for row in rows for seed in cfg.seeds}
@@ -365,37 +368,65 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
 
 
+def _aggregate(got: list[dict], row: dict, eval_names: list[str]) -> dict:
+    """One row of the results: means and standard deviations over the seeds' cells."""
+    from kvkd.eval.answers import wilson_interval
+
+    rec = {"row": row["name"], "router": row.get("train", {}).get("router", "fixed"), "teachers": row.get("teachers", "all"), "seeds": len(got)}
+    for n in eval_names:
+        evals = [c["evals"][n] for c in got if n in c["evals"]]
+        acc, nll = _mean_std([e["accuracy"] for e in evals]), _mean_std([e["mean_answer_nll"] for e in evals])
+        lo, hi = wilson_interval(sum(e["correct"] for e in evals), sum(e["n"] for e in evals))  # pooled over seeds
+        rec.update({f"{n}_acc_mean": acc[0], f"{n}_acc_std": acc[1], f"{n}_n": evals[0]["n"] if len({e["n"] for e in evals}) == 1 else min(e["n"] for e in evals),
+                    f"{n}_acc_ci_low": lo, f"{n}_acc_ci_high": hi, f"{n}_nll_mean": nll[0], f"{n}_nll_std": nll[1]})
+    for key, name in (("train_wall_s", "train_wall_s"), ("mean_step_s", "step_s"), ("peak_rss_mb", "peak_rss_mb")):
+        rec[name] = _mean_std([c[key] for c in got])[0]
+    for k in range(len(got[0]["mean_weights"])):
+        rec[f"weight_t{k}"] = sum(c["mean_weights"][k] for c in got) / len(got)
+    return rec
+
+
 def write_report(out: Path, rows: list[dict], seeds: list[int], folders: dict[tuple[str, int], Path]) -> dict:
     """Aggregate the cells (``folders``: (row, seed) -> cell folder) into results.md / results.csv /
-    loss.png / weights.png."""
+    loss.png / weights.png.
+
+    ``results.csv`` holds numbers only, one column each (load it with ``csv`` or pandas):
+    ``row, router, teachers, seeds``; per eval set ``E``: ``E_acc_mean``, ``E_acc_std``
+    (accuracy as a fraction in [0, 1], mean and sample standard deviation over seeds; std 0
+    for one seed), ``E_n`` (questions per seed), ``E_acc_ci_low``, ``E_acc_ci_high`` (95%
+    Wilson interval of the answers of all seeds pooled), ``E_nll_mean``, ``E_nll_std``
+    (gold-answer NLL, nats/token); then ``train_wall_s``, ``step_s``, ``peak_rss_mb`` (means
+    over seeds) and ``weight_t0``, ``weight_t1``, ... (mean router weight per teacher; empty
+    for rows with fewer teachers). ``results.md`` shows the same as "mean ± std" text.
+    """
     cells = {}
     for key, folder in folders.items():
         if (folder / "cell.json").is_file():
             cells[key] = json.loads((folder / "cell.json").read_text())
     eval_names = sorted({n for c in cells.values() for n in c["evals"]})
+    records = []
+    for row in rows:
+        got = [cells[(row["name"], s)] for s in seeds if (row["name"], s) in cells]
+        if got:
+            records.append(_aggregate(got, row, eval_names))
     header = ["row", "router", "teachers", "seeds"]
     for n in eval_names:
         header += [f"{n} acc %", f"{n} NLL"]
     header += ["train wall s", "step s", "peak RSS MB", "mean weights"]
-    table_rows = []
-    for row in rows:
-        got = [cells[(row["name"], s)] for s in seeds if (row["name"], s) in cells]
-        if not got:
-            continue
-        line = [row["name"], row.get("train", {}).get("router", "fixed"), row.get("teachers", "all"), str(len(got))]
-        for n in eval_names:
-            acc = _mean_std([100 * c["evals"][n]["accuracy"] for c in got if n in c["evals"]])
-            nll = _mean_std([c["evals"][n]["mean_answer_nll"] for c in got if n in c["evals"]])
-            line += [f"{acc[0]:.1f} ± {acc[1]:.1f}", f"{nll[0]:.3f} ± {nll[1]:.3f}"]
-        wall, step, rss = (_mean_std([c[k] for c in got]) for k in ("train_wall_s", "mean_step_s", "peak_rss_mb"))
-        weights = [sum(c["mean_weights"][k] for c in got) / len(got) for k in range(len(got[0]["mean_weights"]))]
-        line += [f"{wall[0]:.1f}", f"{step[0]:.2f}", f"{rss[0]:.0f}", "/".join(f"{w:.2f}" for w in weights)]
-        table_rows.append(line)
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(r) + " |" for r in table_rows]
+    for r in records:
+        line = [r["row"], r["router"], r["teachers"], str(r["seeds"])]
+        for n in eval_names:
+            line += [f"{100 * r[f'{n}_acc_mean']:.1f} ± {100 * r[f'{n}_acc_std']:.1f}", f"{r[f'{n}_nll_mean']:.3f} ± {r[f'{n}_nll_std']:.3f}"]
+        weights = [r[k] for k in r if k.startswith("weight_t")]
+        line += [f"{r['train_wall_s']:.1f}", f"{r['step_s']:.2f}", f"{r['peak_rss_mb']:.0f}", "/".join(f"{w:.2f}" for w in weights)]
+        md.append("| " + " | ".join(line) + " |")
     table = "\n".join(md)
+    columns = list(dict.fromkeys(k for r in records for k in r))
     buf = io.StringIO()
-    csv.writer(buf).writerows([header] + table_rows)
+    writer = csv.DictWriter(buf, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows(records)
     (out / "results.md").write_text(table + "\n")
     (out / "results.csv").write_text(buf.getvalue())
     loss_png, weights_png = _plot_grid(out, rows, seeds, folders)

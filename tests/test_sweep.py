@@ -63,7 +63,8 @@ def test_tiny_grid_end_to_end_and_resume(tmp_path, shared_data, tiny_teacher, ti
     header, body = rows[0], {r[0]: r for r in rows[1:]}
     nll = [cells[("govern-cka", s)]["evals"]["gsm8k"]["mean_answer_nll"] for s in (0, 1)]
     mean = sum(nll) / 2
-    assert body["govern-cka"][header.index("gsm8k NLL")].startswith(f"{mean:.3f} ± ")
+    assert float(body["govern-cka"][header.index("gsm8k_nll_mean")]) == pytest.approx(mean)
+    assert (tmp_path / "sweep" / "results.md").read_text().count(f"{mean:.3f} ± ") == 1
     assert all(c["peak_rss_mb"] > 50 and c["train_wall_s"] > 0 for c in cells.values())
     assert (tmp_path / "sweep" / "loss.png").stat().st_size > 0 and (tmp_path / "sweep" / "weights.png").stat().st_size > 0
     # a kill during a trained cell's evaluation: the rerun evaluates it again without retraining
@@ -123,3 +124,32 @@ def test_a_cell_whose_sweep_died_before_it_armed_the_parent_death_signal_exits_a
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "cell")], capture_output=True, text=True, env={**os.environ}, timeout=120)
     assert proc.returncode == 3, proc.stderr
     assert not (tmp_path / "cell").exists()
+
+
+def test_results_csv_is_numeric(tmp_path):
+    """Hand-made cells: the CSV holds plain numbers a table library loads, the Markdown mean ± std."""
+    from kvkd.sweep import write_report
+
+    def cell(row, seed, correct, nll, weights):
+        ev = {"gsm8k": {"n": 10, "correct": correct, "accuracy": correct / 10, "mean_answer_nll": nll}}
+        d = tmp_path / "cells" / row / f"seed-{seed}"
+        d.mkdir(parents=True)
+        (d / "cell.json").write_text(json.dumps({"row": row, "seed": seed, "evals": ev, "train_wall_s": 10.0 + seed, "mean_step_s": 0.5,
+                                                 "peak_rss_mb": 100.0, "mean_weights": weights}))
+
+    cell("single", 0, 2, 3.0, [1.0])
+    cell("single", 1, 4, 2.0, [1.0])
+    cell("pair", 0, 5, 1.5, [0.25, 0.75])
+    rows = [{"name": "single", "teachers": "first"}, {"name": "pair", "train": {"router": "similarity"}}]
+    folders = {(r, s): tmp_path / "cells" / r / f"seed-{s}" for r in ("single", "pair") for s in (0, 1)}
+    result = write_report(tmp_path, rows, [0, 1], folders)
+    got = list(csv.DictReader(open(result["csv"])))
+    single, pair = got
+    assert single["row"] == "single" and single["seeds"] == "2" and single["teachers"] == "first"
+    assert float(single["gsm8k_acc_mean"]) == pytest.approx(0.3) and float(single["gsm8k_acc_std"]) == pytest.approx(0.1414213562)
+    assert single["gsm8k_n"] == "10" and float(single["gsm8k_nll_mean"]) == pytest.approx(2.5)
+    lo, hi = float(single["gsm8k_acc_ci_low"]), float(single["gsm8k_acc_ci_high"])
+    assert (lo, hi) == (pytest.approx(0.1455, abs=1e-4), pytest.approx(0.5190, abs=1e-4))  # Wilson, 6 of 20 pooled
+    assert float(single["train_wall_s"]) == pytest.approx(10.5) and single["weight_t1"] == ""
+    assert pair["router"] == "similarity" and float(pair["gsm8k_acc_std"]) == 0.0 and float(pair["weight_t1"]) == 0.75
+    assert "| single | fixed | first | 2 | 30.0 ± 14.1 | 2.500 ± 0.707 |" in result["table"]

@@ -40,6 +40,8 @@ from kvkd.cache.errors import CacheMismatchError
 from kvkd.cache.reader import CacheReader
 from kvkd.config import cli_options
 from kvkd.data import dataset_fingerprint, load_examples
+from kvkd.eval.overlap import refuse_overlap
+from kvkd.eval.validation import Validator
 from kvkd.models import load_model, tokenizer_identity
 from kvkd.prompts import PromptTemplate
 from kvkd.train.align import Shape, TeacherAligner, layer_map, layer_maps_per_teacher
@@ -65,7 +67,8 @@ def _step_log_class():
               ("step_s", float), ("examples_per_s", float),
               ("skipped", str | None, field(default=None)),  # "non-finite loss" / "non-finite gradient": no update this step
               ("latent_norm", float | None, field(default=None)),  # mean L2 norm of this step's latent thoughts z (this rank's)
-              ("embedding_norm", float | None, field(default=None))]  # mean L2 norm of the token-embedding rows (for comparison)
+              ("embedding_norm", float | None, field(default=None)),  # mean L2 norm of the token-embedding rows (for comparison)
+              ("valid_nll", float | None, field(default=None))]  # --valid-data: validation gold-answer NLL after this step
     doc = ("One training step as logged (``log.jsonl``): the total loss and CE, the gold-answer NLL (nats/token), one list "
            f"of per-teacher values per distillation term ({', '.join(names)}; zeros when a term is off), ``terms`` (those "
            "names), the router's mean weights, the fused term under --fusion target, router stats, lr and timing.")
@@ -397,6 +400,7 @@ def prepare(cfg: TrainConfig) -> Run:
             return Run(cfg, rundir, done, True, stack=stack)
         torch.manual_seed(cfg.seed)
         examples = load_training_examples(cfg, metas[0])
+        refuse_overlap(examples, cfg.eval_data)  # eval questions among the training rows: refuse before training
         trainee = build_trainee(cfg, metas)  # same seed on every rank: identical initial weights
         if trainee.router.needs_dataset_nll:  # e.g. difficulty bins: cached NLL of every training row
             trainee.router.prepare(torch.stack([torch.from_numpy(r.column("answer_nll") * r.column("answer_len")) for r in readers], 1))
@@ -489,6 +493,7 @@ def _fit(run: Run, on_step) -> TrainSummary:
     run.stack.callback(norms.close)
     sinks = Sinks(parse_report_to(cfg.report_to) if lead else [], rundir.path, rundir.read_config() if lead else None)
     run.stack.callback(sinks.close)
+    validator = Validator(cfg, run.dataset.examples, rundir.path)  # --valid-data: held-out rows, scored during training
     with rundir.log_writer() if lead else contextlib.nullcontext(lambda entry: None) as write:
         for step, batch, (_, scale) in zip(range(start, cfg.steps), loader, shares):
             torch.manual_seed(cfg.seed * 100003 + step)  # dropout etc. reproducible on resume
@@ -506,6 +511,9 @@ def _fit(run: Run, on_step) -> TrainSummary:
             entry = StepLog(step=step + 1, lr=lr, step_s=now - last, examples_per_s=len(global_batches[step - start]) / (now - last), skipped=why,
                             latent_norm=latent_norm, embedding_norm=embedding_norm, **logs)
             last = now
+            if not why and validator.due(entry.step):
+                entry.valid_nll = validator(entry.step, run.trainee.student, engine)
+                last = time.perf_counter()  # validation time is not step time
             if lead:
                 write(asdict(entry))
                 entries.append(asdict(entry))
