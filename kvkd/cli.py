@@ -24,6 +24,7 @@ from rich.table import Table
 from kvkd.config import ConfigError, choices_of, cli_options, resolve
 from kvkd.demo import DemoConfig
 from kvkd.eval.evaluate import EvalConfig
+from kvkd.generate import GenerateConfig
 from kvkd.pipeline.extract import ExtractConfig
 from kvkd.sweep import SweepConfig
 from kvkd.train.options import TrainConfig
@@ -306,6 +307,23 @@ def _print_teachers(run_dir: str) -> None:
         table.add_row(str(t.get("cache")), f"{sh.get('num_layers')}/{sh.get('num_kv_heads')}/{sh.get('head_dim')}/{sh.get('hidden_size')}",
                       str(al.get("layer_map")), f"{al.get('kv', '?').split(' ')[0]} / {al.get('hidden', '?').split(' ')[0]}", shared)
     console.print(table)
+
+
+# ----------------------------------------------------------------------------- generate
+@config_command(app, GenerateConfig, "generate")
+def generate(flags: dict, config: Optional[str]):
+    """Let a teacher solve the questions itself (hf or vLLM) and write its traces to a JSONL trace file (resumable);
+    prints its solve rate with a 95% interval and what --keep/--fallback select for `kvkd extract --trace FILE`."""
+    from kvkd.generate import generate_traces
+
+    try:
+        cfg = _resolve(GenerateConfig, "generate", config, flags)
+        with _progress("questions") as prog:
+            task = prog.add_task("generate", total=None, rate="")
+            summary = generate_traces(cfg, on_progress=lambda p: prog.update(task, total=p.total, completed=p.done, rate=f"{p.tokens / max(p.elapsed_s, 1e-9):,.0f} tokens/s"))
+    except ERRORS as err:
+        _fail(err)
+    _print_summary("generation", {**asdict(summary), "solve rate (95% CI)": f"{summary.accuracy:.1%} [{summary.ci_low:.1%}, {summary.ci_high:.1%}] of {summary.traces} traces"})
 
 
 # ----------------------------------------------------------------------------- train

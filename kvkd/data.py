@@ -14,6 +14,9 @@ calculator equations). Formats (``fmt``):
 - ``math``: PRM800K / MATH500 JSONL ``{"problem", "solution", "answer", "unique_id"}``.
 - ``gsmhard``: PAL's GSM-Hard JSONL ``{"input", "code", "target"}`` (no CoT; ``code`` dropped).
 - ``hf``: a Hugging Face ``datasets`` name with GSM8K-style columns, e.g. ``openai/gsm8k``.
+- ``trace``: a trace file written by ``kvkd generate`` (format in :mod:`kvkd.traces`): the
+  teacher's own traces as CoT, selected by ``keep``/``fallback``; ``offset``/``limit`` cut the
+  file's rows before the selection.
 
 Rows are counted in file order, ignoring empty lines; ``offset``/``limit`` cut a window of
 rows *before* parsing, so a row's position (and any id built from it) does not depend on
@@ -37,7 +40,7 @@ __all__ = [
     "dataset_fingerprint", "find_numbers", "load_examples", "parse_number",
 ]
 
-FORMATS = ("jsonl", "gsm8k", "icot", "svamp", "multiarith", "math", "gsmhard", "hf")
+FORMATS = ("jsonl", "gsm8k", "icot", "svamp", "multiarith", "math", "gsmhard", "hf", "trace")
 TRACE_KINDS = ("nl", "equations")
 
 _FILE_SUFFIXES = (".jsonl", ".json", ".txt")
@@ -298,7 +301,7 @@ def _json_list(path: Path) -> list:
 
 def _detect(path: Path) -> str:
     """Pick the format of a file from its suffix and first row."""
-    hint = f"give the format (--format on the command line, fmt= in Python): one of {', '.join(FORMATS[:-1])}"
+    hint = f"give the format (--format on the command line, fmt= in Python): one of {', '.join(f for f in FORMATS if f != 'hf')}"
     if path.suffix == ".json":
         data = _json_list(path)
         first = data[0] if data and isinstance(data[0], dict) else {}
@@ -321,6 +324,8 @@ def _detect(path: Path) -> str:
     if not isinstance(row, dict):
         raise DataError(f"{path}: cannot detect the format: first row is not a JSON object; {hint}")
     keys = row.keys()
+    if "kvkd_traces" in keys:
+        return "trace"
     if {"id", "cot"} <= keys:
         return "jsonl"
     if {"problem", "solution", "answer"} <= keys:
@@ -376,6 +381,8 @@ def load_examples(
     limit: int | None = None,
     offset: int = 0,
     on_bad_row: str = "raise",
+    keep: str | None = None,
+    fallback: str | None = None,
 ) -> LoadResult:
     """Load a reasoning data set from a file, a directory plus split, or the Hugging Face hub.
 
@@ -389,6 +396,8 @@ def load_examples(
         offset: rows to skip first (0-based), counted before parsing.
         on_bad_row: "raise" to stop at the first unparseable row or duplicate id, "report" to
             skip it and record a :class:`RowProblem`. Nothing is dropped silently.
+        keep, fallback: the trace selection of a ``trace`` file (:class:`kvkd.traces.TraceSelection`;
+            None = its defaults); refused for other formats.
     Returns:
         LoadResult with the examples in source order, the problems, the resolved source and fmt.
     Raises:
@@ -415,7 +424,13 @@ def load_examples(
             raise DataError(f"data file not found: {path}")
         fmt = _detect(path) if fmt == "auto" else fmt
         where, stem = str(path.resolve()), path.stem
+        if fmt == "trace":
+            from kvkd.traces import load_trace_examples
+
+            return LoadResult(load_trace_examples(path, keep, fallback, offset, limit)[0], [], where, fmt)
         rows = enumerate(_json_list(path), start=1) if fmt in ("svamp", "multiarith") else _line_rows(path)
+    if keep is not None or fallback is not None:
+        raise ValueError(f"keep/fallback select the traces of a trace file (kvkd generate); {source} is in format {fmt!r}")
 
     parse = _PARSERS[fmt]
     examples: list[Example] = []

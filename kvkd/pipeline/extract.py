@@ -34,6 +34,7 @@ from kvkd.models import LoadedModel, key_module, decoder_layers, load_model, res
 from kvkd.pipeline.capture import Capture, TeacherBatch, capture_batch
 from kvkd.pipeline.compress import DEFAULT_LAMBDA, gather_slots, select_slots
 from kvkd.prompts import PromptTemplate, token_span
+from kvkd.traces import TraceSelection, load_trace_examples, row_set
 
 
 def _codec_names() -> list[str]:
@@ -43,13 +44,15 @@ def _codec_names() -> list[str]:
 
 
 @dataclass
-class ExtractConfig(DataSelection, RuntimeArgs):
+class ExtractConfig(DataSelection, RuntimeArgs, TraceSelection):
     """Options of ``kvkd extract`` (defaults live here and in the groups, only there).
 
     Attributes (besides the data selection and runtime groups):
         model: teacher spec: ``smollm2``, a .gguf file, a model folder or a hub id.
         out: output store path or fsspec URL (one Zarr v3 group per teacher).
-        trace: CoT the teacher reads: ``nl`` (natural language) or ``equations``.
+        trace: CoT the teacher reads: ``nl`` (natural language), ``equations``, or a trace file
+            of ``kvkd generate`` (the teacher's own traces, selected by ``keep``/``fallback``;
+            its questions and gold answers are the data, so ``data`` stays empty).
         drop_last_step: drop the last CoT step (CODI) so the teacher cannot copy the answer.
         trace_fallback: trace used for rows whose ``trace`` is empty (e.g. GSM8K rows without
             calculator notes have no equation trace); None = such a row is an error. The rows
@@ -72,7 +75,7 @@ class ExtractConfig(DataSelection, RuntimeArgs):
     offset: int | None = override(DataSelection, "offset", 0, "")
     model: str = opt("smollm2", help="Teacher: smollm2 (packaged GGUF), a .gguf file, a model folder or a hub id")
     out: str = opt("", help="Output cache (Zarr v3 group): a path or an fsspec URL")
-    trace: str = opt("nl", help="CoT the teacher reads: nl (natural language) or equations", choices=TRACE_KINDS)
+    trace: str = opt("nl", help="CoT the teacher reads: nl (natural language), equations, or a trace file of kvkd generate (FILE.jsonl; its rows are the data)")
     drop_last_step: bool = opt(True, cli="drop-last-step/keep-last-step", help="Drop the CoT's last step (CODI) so the teacher cannot copy the answer")
     trace_fallback: str | None = opt(None, help="Trace for rows whose --trace is empty (e.g. nl for GSM8K rows without equations); none = such a row is an error", choices=TRACE_KINDS)
     slots: int = opt(6, help="M: KV slots kept per (layer, KV head)")
@@ -203,8 +206,9 @@ def resolve_traces(examples: list[Example], cfg: ExtractConfig) -> tuple[list[st
         DataError: a row has an empty trace and no fallback is set (names the row and the fix).
     """
     traces, fallback_ids = [], []
+    kind = cfg.trace if cfg.trace in TRACE_KINDS else "nl"  # a trace file's examples hold their trace as the CoT
     for ex in examples:
-        trace = build_trace(ex, cfg.trace, drop_last_step=cfg.drop_last_step, allow_empty=True)
+        trace = build_trace(ex, kind, drop_last_step=cfg.drop_last_step, allow_empty=True)
         if not trace.strip():
             if cfg.trace_fallback is None:
                 raise DataError(
@@ -217,9 +221,35 @@ def resolve_traces(examples: list[Example], cfg: ExtractConfig) -> tuple[list[st
     return traces, fallback_ids
 
 
-def cache_metadata(cfg: ExtractConfig, loaded: LoadedModel, data: LoadResult, template: PromptTemplate, frame: str, fallback_ids: list[str] = ()) -> dict:
-    """The JSON metadata of a teacher cache (DESIGN.md section 3)."""
-    return {
+def load_rows(cfg: ExtractConfig) -> tuple[LoadResult, dict]:
+    """The rows to extract: the data set, or a trace file's selected examples (``cfg.trace``).
+
+    Returns:
+        (LoadResult, extra ``dataset`` metadata: for a trace file its identity, selection and row set).
+    Raises:
+        ValueError: ``--trace`` is neither a trace kind nor a file, or a trace file with ``--data``.
+        kvkd.data.DataError: unreadable data or trace file.
+    """
+    if cfg.trace in TRACE_KINDS:
+        if cfg.keep != TraceSelection.keep or cfg.fallback != TraceSelection.fallback:
+            raise ValueError("--keep/--fallback select the traces of a trace file: pass --trace FILE.jsonl (from kvkd generate)")
+        return load_examples(cfg.data, split=cfg.split, fmt=cfg.data_format, limit=cfg.limit, offset=cfg.offset), {}
+    if not os.path.isfile(cfg.trace):
+        raise ValueError(f"--trace {cfg.trace!r} is neither {' nor '.join(TRACE_KINDS)} nor an existing trace file (write one with kvkd generate)")
+    if cfg.data:
+        raise ValueError("--trace FILE holds its rows (questions and gold answers): leave out --data (use --offset/--limit to pick rows)")
+    examples, counts, tf = load_trace_examples(cfg.trace, cfg.keep, cfg.fallback, cfg.offset or 0, cfg.limit)
+    data = LoadResult(examples, [], str(os.path.abspath(cfg.trace)), "trace")
+    extra = {"trace_file": tf.identity(), "trace_selection": {"keep": cfg.keep, "fallback": cfg.fallback}, "limit": cfg.limit,
+             "row_set": row_set(counts, cfg.keep, cfg.fallback), "trace_fallback_ids": counts["gold_ids"], "trace_skipped_ids": counts["skipped_ids"],
+             "questions_from": tf.header.get("data")}
+    return data, extra
+
+
+def cache_metadata(cfg: ExtractConfig, loaded: LoadedModel, data: LoadResult, template: PromptTemplate, frame: str, fallback_ids: list[str] = (), trace_meta: dict | None = None) -> dict:
+    """The JSON metadata of a teacher cache (DESIGN.md section 3); ``trace_meta`` (from
+    :func:`load_rows`) records a trace file's identity, selection and row set."""
+    meta = {
         "teacher": loaded.info,
         "tokenizer": tokenizer_identity(loaded.tokenizer),
         "dataset": {
@@ -237,6 +267,9 @@ def cache_metadata(cfg: ExtractConfig, loaded: LoadedModel, data: LoadResult, te
         "prompt": template.to_json(),
         "compression": {"method": "kava", "slots": cfg.slots, "lambda": cfg.lam, "key_frame": frame},
     }
+    if trace_meta:
+        meta["dataset"].update(trace="file", trace_fallback="gold" if trace_meta["trace_fallback_ids"] else None, **trace_meta)
+    return meta
 
 
 def extract(
@@ -262,9 +295,9 @@ def extract(
     if not cfg.out:
         raise ValueError("no output store given: pass --out PATH")
     part = extraction_part(cfg)
-    data = load_examples(cfg.data, split=cfg.split, fmt=cfg.data_format, limit=cfg.limit, offset=cfg.offset)
+    data, trace_meta = load_rows(cfg)
     if not data.examples:
-        raise ValueError(f"{cfg.data}: no examples selected (offset={cfg.offset}, limit={cfg.limit})")
+        raise ValueError(f"{cfg.data or cfg.trace}: no examples selected (offset={cfg.offset}, limit={cfg.limit})")
     traces, fallback_ids = resolve_traces(data.examples, cfg)
     loaded = loaded or load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     device = resolve_device(cfg.device)
@@ -283,7 +316,7 @@ def extract(
     writer = CacheWriter.open(
         cfg.out,
         layout,
-        cache_metadata(cfg, loaded, data, template, frame, fallback_ids),
+        cache_metadata(cfg, loaded, data, template, frame, fallback_ids, trace_meta),
         codec=cfg.codec,
         compressor=parse_compressor(cfg.compressor),
         overwrite=cfg.overwrite,

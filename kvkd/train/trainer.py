@@ -33,6 +33,7 @@ from kvkd.cache.compat import check_compatible, check_same_tokenizer, get_field
 from kvkd.cache.errors import CacheMismatchError
 from kvkd.cache.reader import CacheReader
 from kvkd.data import dataset_fingerprint, load_examples
+from kvkd.traces import check_same_rows
 from kvkd.models import load_model, tokenizer_identity
 from kvkd.prompts import PromptTemplate
 from kvkd.train.align import Shape, TeacherAligner, layer_map, layer_maps_per_teacher
@@ -117,6 +118,7 @@ def open_teachers(cfg: TrainConfig) -> tuple[list[CacheReader], list[dict]]:
         raise ValueError("no teacher cache given: pass --cache PATH (repeat it for several teachers)")
     readers = [CacheReader.open(url) for url in cfg.caches]
     named = [(url, r.metadata) for url, r in zip(cfg.caches, readers)]
+    check_same_rows(named)  # caches over a trace file's other row set: say which rows each holds
     check_compatible(named, fields=("dataset.fingerprint", "compression.slots", "prompt"))
     if cfg.require_same_tokenizer:
         check_same_tokenizer((f"first teacher {named[0][0]}", named[0][1].get("tokenizer", {})), named[1:], "--require-same-tokenizer")
@@ -136,12 +138,14 @@ def load_training_examples(cfg: TrainConfig, meta: dict):
     refused unless their fingerprint equals the caches'."""
     ds = meta["dataset"]
     source = cfg.data or ds["source"]
+    trace_file = ds.get("format") == "trace"  # a kvkd generate trace file: its row window and selection (kvkd.traces)
     res = load_examples(
         source,
         split=cfg.split if cfg.data else ds.get("split"),
         fmt=cfg.data_format if cfg.data else ds.get("format", "auto"),
         offset=cfg.offset if cfg.offset is not None else ds.get("offset", 0),
-        limit=cfg.limit if cfg.limit is not None else ds["rows"],
+        limit=cfg.limit if cfg.limit is not None else (ds["limit"] if trace_file else ds["rows"]),
+        **(ds["trace_selection"] if trace_file and not cfg.data else {}),
     )
     if dataset_fingerprint(res.examples) != ds["fingerprint"]:
         raise CacheMismatchError(
