@@ -122,12 +122,18 @@ def _resolve(cls, section: str, config: str | None, flags: dict):
 
         torch.set_num_threads(threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not console.is_terminal:  # a log file gets kvkd's progress lines, not transformers' tqdm bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     return cfg
 
 
 class PlainProgress:
-    """Progress as plain lines for a log file (no terminal): one line every ``every_s``
-    seconds or at the end, with done/total, rate and ETA; the same calls as rich's Progress."""
+    """Progress as plain lines for a log file or a SLURM job (no terminal): a line at the first
+    update, then one every ``every_s`` seconds (``KVKD_PROGRESS_EVERY_S``, default 30) and one at
+    the end, each with the time, done/total, rate (loss, tokens/s, s/step) and ETA; the same calls
+    as rich's Progress."""
 
     def __init__(self, out: Console, every_s: float = 30.0):
         self.console, self.every_s = out, every_s
@@ -162,7 +168,8 @@ class PlainProgress:
         t["fields"].update(fields)
         now = time.perf_counter()
         done = t["total"] is not None and t["completed"] >= t["total"]
-        if now - t["last"] >= self.every_s or (done and t["printed"] != t["completed"]):
+        first = t["printed"] is None and t["completed"]
+        if first or now - t["last"] >= self.every_s or (done and t["printed"] != t["completed"]):
             t["last"] = now
             self._line(t)
 

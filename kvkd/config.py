@@ -304,19 +304,19 @@ def _flatten_file(cls, data: dict, where: str, section: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in data.items():
         k = str(key).replace("-", "_")
-        if k in by_name:
-            if by_name[k] in out:
-                raise ConfigError(f"{where}: option {key!r} is given twice (as {by_name[k]} too)")
-            out[by_name[k]] = value
-        elif k in groups and isinstance(value, dict):
+        if k in groups and isinstance(value, dict):  # a group section (``lora: {lora_r: 8}``), even where a switch shares the name
             for name, v in _flatten_file(cls, value, f"{where}, section {key!r}", section).items():
                 if name in out:
                     raise ConfigError(f"{where}: option {name!r} is given twice")
                 out[name] = v
+        elif k in by_name:
+            if by_name[k] in out:
+                raise ConfigError(f"{where}: option {key!r} is given twice (as {by_name[k]} too)")
+            out[by_name[k]] = value
         elif k in COMMAND_SECTIONS and isinstance(value, dict):
             continue  # another command's section
         else:
-            raise ConfigError(f"{where}: unknown option {key!r} for `{section}`{_did_you_mean(k, list(by_name) + sorted(groups))}; see `kvkd {section} --help`")
+            raise ConfigError(f"{where}: unknown option {key!r} for `{section}`{_did_you_mean(k, list(by_name) + sorted(groups) + list(COMMAND_SECTIONS))}; see `kvkd {section} --help`")
     return out
 
 
@@ -374,6 +374,17 @@ def check_value(cls, name: str, value: Any, where: str) -> Any:
     return value
 
 
+def _yaml_float(value: Any, tp: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string: accept it for a float option."""
+    base, _ = _strip_optional(tp)
+    if base is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
 def resolve(cls: type[T], section: str, config_file: str | None, flags: dict[str, Any]) -> T:
     """Build ``cls`` from its defaults, then the config file, then the given flags.
 
@@ -393,7 +404,8 @@ def resolve(cls: type[T], section: str, config_file: str | None, flags: dict[str
         data = read_config_file(config_file)
         if isinstance(data.get(section), dict):
             data = data[section]
-        values.update(_flatten_file(cls, data, f"config file {config_file}", section))
+        hints = typing.get_type_hints(cls)
+        values.update({k: _yaml_float(v, hints[k]) for k, v in _flatten_file(cls, data, f"config file {config_file}", section).items()})
     bad = sorted(set(k for k, v in flags.items() if v is not None) - known)
     if bad:
         raise ConfigError(f"unknown option(s) {bad} for `{section}`")

@@ -59,6 +59,8 @@ class GenerateConfig(DataSelection, RuntimeArgs, TraceSelection):
         chat_template: wrap the prompt in the tokenizer's chat template when it has one.
         answer_check: ``numeric`` or ``math`` (math-verify), as in ``kvkd eval``.
         overwrite: replace an existing trace file instead of continuing it.
+        kv_cache_gib: vLLM's KV-cache memory (GiB); 0 = its default share of the device (on CPU
+            that share, 92% of RAM, is refused when other processes hold memory).
     """
 
     offset: int | None = override(DataSelection, "offset", 0, "")
@@ -77,6 +79,7 @@ class GenerateConfig(DataSelection, RuntimeArgs, TraceSelection):
     chat_template: bool = opt(True, cli="chat-template/no-chat-template", help="Wrap the prompt in the tokenizer's chat template when it has one")
     answer_check: str = opt("numeric", help="numeric (GSM8K-style) or math (math-verify, MATH500)", choices=MATCH_MODES)
     overwrite: bool = opt(False, cli="overwrite/no-overwrite", help="Replace an existing trace file instead of continuing it")
+    kv_cache_gib: float = opt(2.0, cli="vllm-kv-cache-gib", help="vLLM: memory for its KV cache in GiB (0 = vLLM's default fraction of the device's memory)")
 
 
 @dataclass
@@ -229,7 +232,8 @@ class VLLMEngine:
 
     def generate(self, ids: list[list[int]], cfg: GenerateConfig, batch_index: int, rows: list[int]) -> list[list[Completion]]:
         if self.llm is None:
-            self.llm = self.vllm.LLM(model=self.folder, dtype=self.dtype, enforce_eager=True, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code)
+            memory = {"kv_cache_memory_bytes": int(cfg.kv_cache_gib * 2**30)} if cfg.kv_cache_gib > 0 else {}
+            self.llm = self.vllm.LLM(model=self.folder, dtype=self.dtype, enforce_eager=True, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code, **memory)
         params = [
             self.vllm.SamplingParams(n=cfg.samples, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
                                      stop=cfg.stop or None, seed=cfg.seed * 1_000_003 + row)

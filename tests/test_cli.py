@@ -2,6 +2,7 @@
 inspect the cache; bad input gets a clear error."""
 
 import json
+import re
 
 import pytest
 from typer.testing import CliRunner
@@ -43,6 +44,9 @@ def test_extract_train_eval_end_to_end(rows, tiny_teacher, tiny_student, tmp_pat
     run = tmp_path / "run"
     text = _ok(["train", *caches, "--student", str(tiny_student), "--out", str(run), "--router", "learnable", "--config", str(cfg), "--steps", "3"])
     assert "teachers" in text and text.count("shared") >= 2  # per-teacher table: both share the student's tokenizer
+    # not a terminal: plain progress lines (first step and the last), not a live bar
+    progress = [ln for ln in text.splitlines() if re.match(r"^\d\d:\d\d:\d\d train \d+/3 loss ", ln)]
+    assert [ln.split()[2] for ln in progress] == ["1/3", "3/3"], text
     log = [json.loads(x) for x in (run / "log.jsonl").read_text().splitlines()]
     assert len(log) == 3  # the flag overrides the file's 2 steps
     assert json.loads((run / "config.json").read_text())["router"] == "learnable"

@@ -1,4 +1,5 @@
-"""Data flows one way: train never imports pipeline; the library never imports typer."""
+"""Data flows one way (pipeline -> cache -> train -> eval): train never imports pipeline, cache imports
+neither torch nor anything upstream, and the library never imports typer."""
 
 import subprocess
 import sys
@@ -19,3 +20,13 @@ def test_train_and_eval_do_not_import_pipeline():
 def test_cache_does_not_import_train_or_pipeline():
     mods = _modules_after("import kvkd.cache.reader, kvkd.cache.writer")
     assert not [m for m in mods if m.startswith(("kvkd.pipeline", "kvkd.train", "kvkd.eval"))]
+
+
+def test_cache_imports_neither_torch_nor_upstream_packages():
+    mods = _modules_after("import kvkd.cache")
+    assert not [m for m in mods if m == "torch" or m.startswith(("kvkd.pipeline", "kvkd.train", "kvkd.eval"))]
+
+
+def test_config_and_train_options_import_no_torch_or_typer():
+    mods = _modules_after("import kvkd.config, kvkd.train.options")
+    assert "torch" not in mods and "typer" not in mods

@@ -2,7 +2,7 @@
 
 Training refuses caches that disagree with each other, or with the training data, on the data
 set fingerprint or the slot budget M, with an error naming the field, the caches and their
-values. Tokenizers may legitimately differ between teachers and the student (DESIGN.md section
+values. Tokenizers may legitimately differ between teachers and the student (docs/design.md, section
 4); :func:`tokenizer_differences` says how two differ, and :func:`check_same_tokenizer` refuses
 a mismatch for the modes that need token correspondence, naming the teacher.
 """
@@ -88,7 +88,7 @@ def tokenizer_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
 def check_same_tokenizer(reference: tuple[str, dict[str, Any]], caches: Sequence[tuple[str, dict[str, Any]]], why: str) -> None:
     """Raise unless every cache's tokenizer is the reference's (for modes that need token correspondence).
 
-    Latent training needs no token correspondence (DESIGN.md section 4); anything that compares
+    Latent training needs no token correspondence (docs/design.md, section 4); anything that compares
     token ids or per-token quantities across models (``--require-same-tokenizer``, token-level
     distillation) calls this first.
 

@@ -4,7 +4,7 @@ Per example and per layer: the pre-RoPE keys and the values over the CoT span, t
 answer -> CoT attention importance per KV head, the hidden states (embeddings + every
 layer) at the answer boundary, and the teacher's NLL of the gold answer.
 
-Design choices (see DESIGN.md sections 1 and 7):
+Design choices (see docs/design.md, sections 1 and 7):
 
 - Keys are read *before* RoPE from hooks on ``k_proj`` (or ``k_norm`` where the
   architecture normalises keys before RoPE), so they are comparable across positions.

@@ -247,7 +247,7 @@ def load_rows(cfg: ExtractConfig) -> tuple[LoadResult, dict]:
 
 
 def cache_metadata(cfg: ExtractConfig, loaded: LoadedModel, data: LoadResult, template: PromptTemplate, frame: str, fallback_ids: list[str] = (), trace_meta: dict | None = None) -> dict:
-    """The JSON metadata of a teacher cache (DESIGN.md section 3); ``trace_meta`` (from
+    """The JSON metadata of a teacher cache (docs/design.md, section 3); ``trace_meta`` (from
     :func:`load_rows`) records a trace file's identity, selection and row set."""
     meta = {
         "teacher": loaded.info,

@@ -1,7 +1,7 @@
 """Teacher -> student alignment: layer maps and projections into the student's space.
 
 Teachers may differ from the student in layers, KV heads (GQA), head dim and hidden size
-(DESIGN.md section 4). Each teacher gets a :class:`TeacherAligner` that picks, for every
+(docs/design.md, section 4). Each teacher gets a :class:`TeacherAligner` that picks, for every
 student layer, a teacher layer (:func:`layer_map`: proportional depth by default, ``last``,
 or an explicit list) and maps its KV slots and hidden state into the student's shapes:
 identity where shapes match, a learned :class:`TargetProjection` (trained with the student,

@@ -9,7 +9,7 @@ KaVa (Kuzina et al., 2025) matches the student's KV entries at z_1..z_M with the
 compressed caches; they are read *pre-RoPE* from hooks on each layer's key/value
 projections (registered after peft wraps the model so LoRA's delta is included).
 
-Implementation notes (DESIGN.md section 7): latent steps run through the inner decoder,
+Implementation notes (docs/design.md, section 7): latent steps run through the inner decoder,
 not the LM head; ``<bot>``/``<eot>`` are learned vectors passed as input embeddings (the
 tokens are also added to the tokenizer and the embedding matrix, and the learned vectors
 are written into those rows on export); the attention mask of cached steps is the full

@@ -2,7 +2,7 @@
 
     loss = CE(answer | Q, latents) + sum_k w[:, k] * (a1 * L_CODI_k + a2 * L_KV_k)  (+ router aux)
 
-with ``w = router(signals)`` per sample (DESIGN.md section 4). Teachers are only ever read
+with ``w = router(signals)`` per sample (docs/design.md, section 4). Teachers are only ever read
 from their caches. The run folder holds ``config.json`` (resolved options), ``log.jsonl``
 (one line per step: every loss term per teacher, router weights, lr, timing),
 ``checkpoints/step-N/`` (safetensors weights + optimiser state + ``state.json``) and
@@ -43,7 +43,7 @@ from kvkd.train.options import FUSIONS, KV_WEIGHTINGS, TrainConfig
 from kvkd.train.losses import cka_loss, codi_loss, kv_loss
 from kvkd.train.routers import RouterInputs, build_router
 from kvkd.train.student import LatentStudent, add_latent_tokens
-from kvkd.train.teachers import describe_teachers, fit_samples, needs_fit
+from kvkd.train.teacher_records import describe_teachers, fit_samples, needs_fit
 
 
 @dataclass

@@ -1,7 +1,7 @@
 """``difficulty`` router: the plan's sample-wise difficulty router.
 
 This follows the project plan, **not a verified paper**: the plan cites "Multi-Teacher KD
-with Adaptive Routing, NeurIPS 2023", which could not be found (DESIGN.md section 1).
+with Adaptive Routing, NeurIPS 2023", which could not be found (docs/design.md, section 1).
 
 - A difficulty estimator (LayerNorm -> Linear -> GELU -> Linear) maps the student's boundary
   hidden state ``s_b`` (B, d) to a distribution over ``bins`` difficulty levels,

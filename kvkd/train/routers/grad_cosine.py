@@ -1,5 +1,5 @@
 """``grad-cosine`` router: the plan's gradient-agreement weighting (kept apart from GOVERN,
-which it is often mistaken for; DESIGN.md section 1).
+which it is often mistaken for; docs/design.md, section 1).
 
 Per teacher k a distillation gradient ``g_k``; the cosine-similarity matrix
 ``C[k, j] = cos(g_k, g_j)``; row sums ``r_k = sum_j C[k, j]`` (how much teacher k agrees with

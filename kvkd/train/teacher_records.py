@@ -2,7 +2,7 @@
 cache, and the per-teacher record written into the run's ``config.json`` (shape, layer map,
 projections, and whether the teacher shares the student's tokenizer).
 
-Latent distillation needs no token correspondence (DESIGN.md section 4): the KV slots are
+Latent distillation needs no token correspondence (docs/design.md, section 4): the KV slots are
 position-free and each side finds the answer boundary in its own tokenization from
 character offsets, so teachers whose tokenizer differs from the student's train normally;
 the record says which ones do, so that a reader of the run knows.
