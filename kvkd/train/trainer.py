@@ -375,8 +375,8 @@ def check_options(cfg: TrainConfig) -> None:
     for name in ("a1", "a2", "a3"):
         if getattr(cfg, name) < 0:
             raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise ValueError(f"--steps and --batch-size must be >= 1, got {cfg.steps} and {cfg.batch_size}")
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1:
+        raise ValueError(f"--steps, --batch-size and --grad-accum must be >= 1, got {cfg.steps}, {cfg.batch_size} and {cfg.grad_accum}")
     check_router_options(cfg.router, cfg.router_options, len(cfg.caches))
 
 
@@ -428,6 +428,8 @@ def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) ->
         trainee.router.prepare(torch.stack([torch.from_numpy(r.column("answer_nll") * r.column("answer_len")) for r in readers], 1))
     engine = build_engine(trainee, cfg)
     check_batches_split(len(examples), cfg.batch_size, engine.world_size)
+    if engine.world_size > 1 and cfg.grad_accum > 1:  # the last micro-batch of an epoch must split over the ranks too
+        check_batches_split(len(examples) % (cfg.batch_size * cfg.grad_accum) or cfg.batch_size, cfg.batch_size, engine.world_size)
     lead = engine.rank == 0
     if lead:
         run.mkdir(parents=True, exist_ok=True)
@@ -438,6 +440,7 @@ def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) ->
         resolved["latents"] = trainee.student.num_latents
         resolved["layer_maps"] = [a.mapping.tolist() for a in trainee.aligners]
         resolved["engine"] = asdict(engine.info)
+        resolved["effective_batch"] = cfg.batch_size * cfg.grad_accum  # examples per optimiser step
         (run / "config.json").write_text(json.dumps(resolved, indent=2))
     engine.barrier()
 
@@ -446,11 +449,11 @@ def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) ->
     if ckpt is not None:
         start = engine.load(ckpt)
     dataset = DistillDataset(examples, tok, cfg.caches)
-    global_batches = list(_batches(len(dataset), cfg.batch_size, cfg.seed, start, cfg.steps))
-    shares = [rank_rows(rows, engine.rank, engine.world_size) for rows in global_batches]  # this rank's rows
+    global_batches = list(_batches(len(dataset), cfg.batch_size * cfg.grad_accum, cfg.seed, start, cfg.steps))  # rows per optimiser step
+    micro = [micro_batches(rows, cfg.batch_size, engine.rank, engine.world_size) for rows in global_batches]  # this rank's micro-batches
     loader = DataLoader(
         dataset,
-        batch_sampler=[rows for rows, _ in shares],
+        batch_sampler=[rows for step in micro for rows, _ in step],
         collate_fn=functools.partial(collate, pad_id=tok.pad_token_id),  # picklable for spawn/forkserver workers
         num_workers=cfg.num_workers,
         prefetch_factor=cfg.prefetch_factor if cfg.num_workers > 0 else None,
@@ -466,13 +469,18 @@ def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) ->
         log_path.write_text("".join(line + "\n" for line in kept))
     weight_sums = torch.zeros(len(cfg.caches))
     with open(log_path, "a") if lead else contextlib.nullcontext() as log:
-        for step, batch, (_, scale) in zip(range(start, cfg.steps), loader, shares):
+        batches = iter(loader)
+        for step, shares in zip(range(start, cfg.steps), micro):
             torch.manual_seed(cfg.seed * 100003 + step)  # dropout etc. reproducible on resume
-            with engine.autocast():
-                loss, logs = engine(to_device(batch, engine.device), cfg, step)
             lr = engine.lr()  # the rate this step uses
-            engine.backward_step(loss * scale)
-            logs = _global_logs(engine, logs, len(batch["index"]))
+            parts = []
+            for k, (_, scale) in enumerate(shares):  # gradient accumulation: one backward per micro-batch
+                batch = next(batches)
+                with engine.autocast():
+                    loss, part = engine(to_device(batch, engine.device), cfg, step)
+                engine.backward_step(loss * scale, step=k == len(shares) - 1)
+                parts.append((_global_logs(engine, part, len(batch["index"])), scale))
+            logs = _mean_logs(parts)
             now = time.perf_counter()
             entry = StepLog(step=step + 1, lr=lr, step_s=now - last, examples_per_s=len(global_batches[step - start]) / (now - last), **logs)
             last = now
@@ -504,6 +512,42 @@ def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) ->
         (run / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
     engine.barrier()
     return summary
+
+
+def micro_batches(rows: list[int], batch_size: int, rank: int, world: int) -> list[tuple[list[int], float]]:
+    """One optimiser step's rows as this rank's micro-batches and their loss scales.
+
+    The step's rows are cut into chunks of ``batch_size`` (the global micro-batch; the last
+    chunk of an epoch may be shorter); each chunk is shared over the ranks (:func:`rank_rows`).
+    A micro-batch's per-example-mean loss times its scale, summed over the chunks and averaged
+    over the ranks, is the per-example mean over all the step's rows, so ``batch 8 x 2
+    accumulation steps`` and ``batch 16`` make the same update.
+
+    Returns:
+        [(this rank's rows of chunk k, scale_k)] with scale_k = rank scale x len(chunk_k) / len(rows).
+    """
+    out = []
+    for lo in range(0, len(rows), batch_size):
+        chunk = rows[lo : lo + batch_size]
+        mine, scale = rank_rows(chunk, rank, world)
+        out.append((mine, scale * len(chunk) / len(rows)))
+    return out
+
+
+def _mean_logs(parts: list[tuple[dict, float]]) -> dict:
+    """One step's logs from its micro-batches' (logs, weight): floats and float lists are
+    weighted means (weights = the micro-batches' shares of the step's rows); other entries
+    (router statistics) are the last micro-batch's."""
+    if len(parts) == 1:
+        return parts[0][0]
+    total = sum(w for _, w in parts)
+    out = dict(parts[-1][0])
+    for key, value in out.items():
+        if isinstance(value, float):
+            out[key] = sum(p[key] * w for p, w in parts) / total
+        elif isinstance(value, list) and value and all(isinstance(x, float) for x in value):
+            out[key] = [sum(p[key][i] * w for p, w in parts) / total for i in range(len(value))]
+    return out
 
 
 def _global_logs(engine, logs: dict, rows: int) -> dict:
