@@ -25,6 +25,7 @@ from kvkd.config import ConfigError, choices_of, cli_options, resolve
 from kvkd.demo import DemoConfig
 from kvkd.eval.evaluate import EvalConfig
 from kvkd.generate import GenerateConfig
+from kvkd.sft import SFTConfig
 from kvkd.pipeline.extract import ExtractConfig
 from kvkd.sweep import SweepConfig
 from kvkd.train.options import TrainConfig
@@ -362,6 +363,23 @@ def train(flags: dict, config: Optional[str], local_rank: Optional[int]):
         _fail(err)
     _print_teachers(summary.run_dir)
     _print_summary("training", asdict(summary))
+
+
+# ----------------------------------------------------------------------------- sft
+@config_command(app, SFTConfig, "sft")
+def sft_cmd(flags: dict, config: Optional[str]):
+    """Fine-tune a teacher or baseline on (question, trace, answer) text: --mode cot (CoT-SFT) or nocot (No-CoT-SFT),
+    loss on the target tokens only; exports OUT/model, a Hugging Face folder for --model of generate/extract/eval."""
+    from kvkd.sft import sft
+
+    try:
+        cfg = _resolve(SFTConfig, "sft", config, flags)
+        with _progress("steps") as prog:
+            task = prog.add_task("sft", total=cfg.steps, rate="")
+            summary = sft(cfg, on_step=lambda e: prog.update(task, completed=e.step, rate=f"loss {e.loss:.3f} {e.step_s:.2f} s/step"))
+    except ERRORS as err:
+        _fail(err)
+    _print_summary("sft", asdict(summary))
 
 
 # ----------------------------------------------------------------------------- eval
