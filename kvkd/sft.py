@@ -33,10 +33,11 @@ import torch
 
 from kvkd.config import DataSelection, RuntimeArgs, opt
 from kvkd.data import TRACE_KINDS, Example, build_trace, load_examples
-from kvkd.models import load_model
+from kvkd.models import load_model, resolve_device
 from kvkd.prompts import PromptTemplate
 from kvkd.train.engines import PlainEngine
 from kvkd.train.options import LoraArgs, OptimArgs
+from kvkd.train.student import make_trainable
 from kvkd.train.trainer import _batches, micro_batches
 
 SFT_MODES = ("cot", "nocot")
@@ -176,16 +177,7 @@ def sft(cfg: SFTConfig, on_step: Callable[[SFTStep], None] | None = None) -> SFT
     torch.manual_seed(cfg.seed)
     loaded = load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     lm, tok = loaded.model, loaded.tokenizer
-    if cfg.use_lora:
-        from peft import LoraConfig, get_peft_model
-
-        targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else [t.strip() for t in cfg.lora_targets.split(",")]
-        lm = get_peft_model(lm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM"))
-    else:
-        for p in lm.parameters():
-            p.requires_grad_(True)
-    from kvkd.models import resolve_device
-
+    lm = make_trainable(lm, cfg)  # LoRA (peft) or all weights
     engine = PlainEngine(SFTModule(lm), cfg, resolve_device(cfg.device))
     engine.module.train()
     run.mkdir(parents=True, exist_ok=True)

@@ -42,7 +42,7 @@ from kvkd.train.loader import DistillDataset, collate
 from kvkd.train.options import FUSIONS, KV_WEIGHTINGS, TrainConfig
 from kvkd.train.losses import cka_loss, codi_loss, kv_loss
 from kvkd.train.routers import RouterInputs, build_router
-from kvkd.train.student import LatentStudent, add_latent_tokens
+from kvkd.train.student import LatentStudent, add_latent_tokens, make_trainable
 from kvkd.train.teacher_records import describe_teachers, fit_samples, needs_fit
 
 
@@ -87,14 +87,7 @@ def build_student(spec: str, latents: int, cfg: TrainConfig, template: PromptTem
     lm, tok = loaded.model, loaded.tokenizer
     tokenizer_before = tokenizer_identity(tok)  # the teachers' caches know it without <bot>/<eot>
     add_latent_tokens(lm, tok)
-    if cfg.use_lora:
-        from peft import LoraConfig, get_peft_model
-
-        targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else [t.strip() for t in cfg.lora_targets.split(",")]
-        lm = get_peft_model(lm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM"))
-    else:
-        for p in lm.parameters():
-            p.requires_grad_(True)
+    lm = make_trainable(lm, cfg)  # LoRA (peft) or all weights
     student = LatentStudent(lm, tok, latents, template)
     student.model_info = loaded.info
     student.tokenizer_identity = tokenizer_before
