@@ -155,3 +155,4 @@ def test_cli_generate_prints_solve_rate(rows, tmp_path, tiny_teacher):
     assert json.loads(out.read_text().splitlines()[-1]) == {"kvkd_traces_end": {"lines": 3, "rows": 3, "samples": 1}}
     r = CliRunner().invoke(app, ["generate", "--model", str(tiny_teacher), "--data", str(rows), "--out", str(out), "--samples", "3"])
     assert r.exit_code == 2 and "--temperature" in r.output
+

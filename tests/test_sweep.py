@@ -86,3 +86,12 @@ def test_missing_eval_set_refused_before_any_cell(tmp_path):
     with pytest.raises(ValueError, match="eval set gsm8k: .* does not exist"):
         run_sweep(cfg)
     assert not (tmp_path / "out").exists()
+
+
+def test_kava_table_grid_rows_are_valid_training_options():
+    from kvkd.sweep import load_grid
+
+    rows = {r["name"]: r for r in load_grid("kava-table")}  # validates every option name and router
+    assert rows["codi"]["train"]["a2"] == 0.0 and rows["codi"]["teachers"] == "first"  # CODI: hidden loss only
+    assert rows["kava-1-teacher"]["teachers"] == "first" and "a2" not in rows["kava-1-teacher"]["train"]
+    assert sum(r.get("teachers", "all") == "all" for r in rows.values()) == 4
