@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from kvkd.config import DataSelection, RuntimeArgs, opt
+from kvkd.config import DataSelection, RuntimeArgs, opt, override
 from kvkd.data import TRACE_KINDS, Example, build_trace, load_examples
 from kvkd.models import load_model, resolve_device
 from kvkd.prompts import PromptTemplate
@@ -57,7 +57,7 @@ class SFTConfig(DataSelection, OptimArgs, LoraArgs, RuntimeArgs):
         overwrite: replace an existing run folder.
     """
 
-    offset: int | None = opt(0, help="First row used (rows)")
+    offset: int | None = override(DataSelection, "offset", 0, "")
     model: str = opt("smollm2", help="Model to fine-tune: smollm2 (packaged GGUF), a .gguf, a model folder or a hub id")
     out: str = opt("", help="Run folder: config.json, log.jsonl, summary.json and model/ (a Hugging Face folder)")
     mode: str = opt("cot", help="cot (CoT-SFT: reasoning then answer) or nocot (No-CoT-SFT: the answer only)", choices=SFT_MODES)
