@@ -26,6 +26,8 @@ from rich.table import Table
 from kvkd.config import ConfigError, choices_of, cli_options, resolve
 from kvkd.demo import DemoConfig
 from kvkd.eval.evaluate import EvalConfig
+from kvkd.generate import GenerateConfig
+from kvkd.sft import SFTConfig
 from kvkd.pipeline.extract import ExtractConfig
 from kvkd.sweep import SweepConfig
 from kvkd.train.export import ExportConfig
@@ -351,6 +353,23 @@ def _print_teachers(run_dir: str) -> None:
     console.print(table)
 
 
+# ----------------------------------------------------------------------------- generate
+@config_command(app, GenerateConfig, "generate")
+def generate(flags: dict, config: Optional[str]):
+    """Let a teacher solve the questions itself (hf or vLLM) and write its traces to a JSONL trace file (resumable);
+    prints its solve rate with a 95% interval and what --keep/--fallback select for `kvkd extract --trace FILE`."""
+    from kvkd.generate import generate_traces
+
+    try:
+        cfg = _resolve(GenerateConfig, "generate", config, flags)
+        with _progress("questions") as prog:
+            task = prog.add_task("generate", total=None, rate="")
+            summary = generate_traces(cfg, on_progress=lambda p: prog.update(task, total=p.total, completed=p.done, rate=f"{p.tokens / max(p.elapsed_s, 1e-9):,.0f} tokens/s"))
+    except ERRORS as err:
+        _fail(err)
+    _print_summary("generation", {**asdict(summary), "solve rate (95% CI)": f"{summary.accuracy:.1%} [{summary.ci_low:.1%}, {summary.ci_high:.1%}] of {summary.traces} traces"})
+
+
 # ----------------------------------------------------------------------------- train
 @config_command(app, TrainConfig, "train", extra=[
     _extra("local_rank", Optional[int], typer.Option(None, "--local_rank", "--local-rank", hidden=True, help="Set by the deepspeed launcher; the rank is read from LOCAL_RANK.")),
@@ -382,6 +401,23 @@ def train(flags: dict, config: Optional[str], local_rank: Optional[int]):
         console.print(f"{summary.run_dir} is already trained to step {summary.steps}: nothing to do (give a larger --steps to train on, or --fresh to start over)")
     _print_teachers(summary.run_dir)
     _print_summary("training", asdict(summary))
+
+
+# ----------------------------------------------------------------------------- sft
+@config_command(app, SFTConfig, "sft")
+def sft_cmd(flags: dict, config: Optional[str]):
+    """Fine-tune a teacher or baseline on (question, trace, answer) text: --mode cot (CoT-SFT) or nocot (No-CoT-SFT),
+    loss on the target tokens only; exports OUT/model, a Hugging Face folder for --model of generate/extract/eval."""
+    from kvkd.sft import sft
+
+    try:
+        cfg = _resolve(SFTConfig, "sft", config, flags)
+        with _progress("steps") as prog:
+            task = prog.add_task("sft", total=cfg.steps, rate="")
+            summary = sft(cfg, on_step=lambda e: prog.update(task, completed=e.step, rate=f"loss {e.loss:.3f} {e.step_s:.2f} s/step"))
+    except ERRORS as err:
+        _fail(err)
+    _print_summary("sft", asdict(summary))
 
 
 # ----------------------------------------------------------------------------- eval
@@ -488,7 +524,8 @@ def cache_verify(path: str = typer.Argument(..., help="Cache path or URL.")):
 # ----------------------------------------------------------------------------- demo
 @config_command(app, DemoConfig, "demo")
 def demo(flags: dict, config: Optional[str]):
-    """The main job: extract two SmolLM2 teachers (NL and equation CoT), train a LoRA student with a router, evaluate, report."""
+    """The main job with two teachers that differ: SmolLM2 on the gold CoT and on the traces it wrote itself (kvkd generate);
+    extract both, train a LoRA student with a router, evaluate, report how the teachers differ."""
     from kvkd.demo import run_demo
 
     try:
@@ -506,11 +543,17 @@ def demo(flags: dict, config: Optional[str]):
                 prog.console.print(f"[bold cyan]>>[/] {msg}")
                 prog.reset(task, description=msg.split(" ")[0])
 
-            result = run_demo(cfg, on_stage=stage, progress={"extract": ext, "train": stp, "eval": lambda d, n: prog.update(task, completed=d, total=n, rate="")})
+            result = run_demo(cfg, on_stage=stage, progress={"generate": ext, "extract": ext, "train": stp, "eval": lambda d, n: prog.update(task, completed=d, total=n, rate="")})
     except ERRORS as err:
         _fail(err)
     for s in result.extract:
         console.print(f"cache {s['path']}: {s['examples']} examples, {s['tokens_per_s']:,.0f} tokens/s, {s['bytes_per_example']:,.0f} bytes/example")
+    g = result.generate
+    console.print(f"teacher's own solve rate: {g['correct']}/{g['traces']} = {g['accuracy']:.1%} [95% CI {g['ci_low']:.1%}, {g['ci_high']:.1%}], {g['tokens_per_s']:,.0f} tokens/s")
+    table = Table("teacher", "rows", "rows with own trace", "mean NLL of the gold answer (nats/token)", "mean router weight", title="how the two teachers differ")
+    for t in result.teachers:
+        table.add_row(t["teacher"], str(t["rows"]), str(t["rows_with_own_trace"]), f"{t['mean_answer_nll']:.3f}", f"{t['mean_router_weight']:.3f}")
+    console.print(table)
     console.print(f"training: {result.train['steps']} steps, {result.train['mean_step_s']:.2f} s/step, mean router weights {[round(w, 3) for w in result.train['mean_weights']]}")
     console.print(result.table)
     console.print(f"report: {result.report_dir}  (results.md, results.json, training.png)   wall time {result.wall_s:.0f} s")

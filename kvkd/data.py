@@ -14,6 +14,9 @@ calculator equations). Formats (``fmt``):
 - ``math``: PRM800K / MATH500 JSONL ``{"problem", "solution", "answer", "unique_id"}``.
 - ``gsmhard``: PAL's GSM-Hard JSONL ``{"input", "code", "target"}`` (no CoT; ``code`` dropped).
 - ``hf``: a Hugging Face ``datasets`` name with GSM8K-style columns, e.g. ``openai/gsm8k``.
+- ``trace``: a trace file written by ``kvkd generate`` (format in :mod:`kvkd.traces`): the
+  teacher's own traces as CoT, selected by ``keep``/``fallback``; ``offset``/``limit`` cut the
+  file's rows before the selection.
 
 Rows are counted in file order, ignoring empty lines; ``offset``/``limit`` cut a window of
 rows *before* parsing, so a row's position (and any id built from it) does not depend on
@@ -271,7 +274,8 @@ class DataFormat:
     Attributes:
         name: the ``--format`` value.
         parse: ``(raw row, fallback id) -> Example``; raises ``_RowError`` for a bad row.
-        container: ``"lines"`` (one row per line: JSONL, TXT) or ``"json-list"`` (one JSON list).
+        container: ``"lines"`` (one row per line: JSONL, TXT), ``"json-list"`` (one JSON list) or
+            ``"trace-file"`` (a kvkd generate trace file, read whole by :mod:`kvkd.traces`).
         detect: ``first row -> bool`` for ``--format auto`` (a dict for JSON rows, the raw line
             for TXT); None = never detected (must be named).
         suffix: the file suffix detection applies to (``.jsonl``, ``.txt``, ``.json``).
@@ -303,6 +307,14 @@ register_format(DataFormat("multiarith", _multiarith_example, "json-list", lambd
 register_format(DataFormat("math", _math_example, detect=lambda row: {"problem", "solution", "answer"} <= row.keys(), priority=1))
 register_format(DataFormat("gsmhard", _gsmhard_example, detect=lambda row: {"input", "target"} <= row.keys(), priority=2))
 register_format(DataFormat("hf", _gsm8k_example))  # Hugging Face hub rows, GSM8K-style columns
+
+
+def _trace_file_row(raw: Any, example_id: str) -> Example:  # pragma: no cover - the file is read whole
+    raise _RowError("a trace file is read whole (kvkd.traces), not row by row")
+
+
+# kvkd generate's trace files (kvkd.traces): read whole, their selection applied; a header line marks them.
+register_format(DataFormat("trace", _trace_file_row, "trace-file", lambda row: "kvkd_traces" in row, priority=-1))
 FORMATS = tuple(name for name, _ in DATA_FORMATS.items())
 
 
@@ -409,6 +421,8 @@ def load_examples(
     limit: int | None = None,
     offset: int = 0,
     on_bad_row: str = "raise",
+    keep: str | None = None,
+    fallback: str | None = None,
 ) -> LoadResult:
     """Load a reasoning data set from a file, a directory plus split, or the Hugging Face hub.
 
@@ -423,6 +437,8 @@ def load_examples(
         offset: rows to skip first (0-based), counted before parsing.
         on_bad_row: "raise" to stop at the first unparseable row or duplicate id, "report" to
             skip it and record a :class:`RowProblem`. Nothing is dropped silently.
+        keep, fallback: the trace selection of a ``trace`` file (:class:`kvkd.traces.TraceSelection`;
+            None = its defaults); refused for other formats.
     Returns:
         LoadResult with the examples in source order, the problems, the resolved source and fmt.
     Raises:
@@ -449,7 +465,13 @@ def load_examples(
             raise DataError(f"data file not found: {path}")
         fmt = _detect(path) if fmt == "auto" else fmt
         where, stem = str(path.resolve()), path.stem
+        if DATA_FORMATS.get(fmt).container == "trace-file":
+            from kvkd.traces import load_trace_examples
+
+            return LoadResult(load_trace_examples(path, keep, fallback, offset, limit)[0], [], where, fmt)
         rows = enumerate(_json_list(path), start=1) if DATA_FORMATS.get(fmt).container == "json-list" else _line_rows(path)
+    if keep is not None or fallback is not None:
+        raise ValueError(f"keep/fallback select the traces of a trace file (kvkd generate); {source} is in format {fmt!r}")
 
     parse = DATA_FORMATS.get(fmt).parse
     examples: list[Example] = []

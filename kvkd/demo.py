@@ -1,8 +1,11 @@
 """``kvkd demo``: the main job end to end on its embedded default.
 
-Two teachers (SmolLM2-135M-Instruct reading GSM8K's natural-language CoT, and the same
-model reading the equation-only CoT, falling back to the NL CoT on rows without equations) are extracted over a GSM8K training subset; a SmolLM2
-student with LoRA trains against both caches with a router; the trained student, the
+Two teachers that differ are extracted over a GSM8K training subset: SmolLM2-135M-Instruct
+reading GSM8K's gold natural-language CoT, and the same model reading the traces it wrote
+itself (``kvkd generate``, hf engine, greedy; the rows it solves keep their own trace, the
+others fall back to the gold CoT, so both caches hold the same rows); a SmolLM2 student with
+LoRA trains against both caches with a router; how much the teachers differ is reported (rows
+with an own trace, each teacher's NLL of the gold answer, the router's mean weights); the trained student, the
 untrained latent student and the plain model answering without CoT are evaluated on a
 GSM8K test subset; a report folder gets the table (Markdown + JSON) and a training plot.
 """
@@ -19,6 +22,7 @@ from kvkd.eval.evaluate import EvalConfig, EvalResult, evaluate, new_folder
 from kvkd.eval.report import plot_run, results_table
 from kvkd.models import load_model
 from kvkd.config import RuntimeArgs, opt, override
+from kvkd.generate import GenerateConfig, generate_traces
 from kvkd.pipeline.extract import ExtractConfig, extract
 from kvkd.train.options import OptimArgs, _router_names
 from kvkd.train.trainer import TrainConfig, train
@@ -37,6 +41,7 @@ class DemoConfig(OptimArgs, RuntimeArgs):
         train_rows / test_rows: rows used (at most the sample's 64 / 40 without data_dir).
         slots: M (cache slots and latent thoughts).
         router: router name; extract_batch_size: teacher batch size.
+        gen_max_new_tokens: tokens the teacher writes per own trace.
     """
 
     steps: int = override(OptimArgs, "steps", 48, "sized to finish in minutes on 2 CPU cores")
@@ -51,6 +56,7 @@ class DemoConfig(OptimArgs, RuntimeArgs):
     slots: int = opt(6, help="M slots / latent thoughts")
     router: str = opt("similarity", help="Router", choices=_router_names)
     extract_batch_size: int = opt(8, help="Examples per teacher forward")
+    gen_max_new_tokens: int = opt(160, help="Tokens the teacher writes per own trace (kvkd generate, greedy)")
 
 
 @dataclass
@@ -63,11 +69,13 @@ class DemoResult:
     evals: list[EvalResult]
     table: str
     report_dir: str
+    generate: dict
+    teachers: list[dict]
 
 
 def run_demo(cfg: DemoConfig, on_stage: Callable[[str], None] | None = None, progress: dict | None = None) -> DemoResult:
-    """Run extract x2 -> train -> eval x3 -> report. ``progress`` may hold per-stage callbacks
-    (``extract``, ``train``, ``eval``) forwarded to the library functions."""
+    """Run generate -> extract x2 -> train -> eval x3 -> report. ``progress`` may hold per-stage
+    callbacks (``generate``, ``extract``, ``train``, ``eval``) forwarded to the library functions."""
     progress = progress or {}
     say = on_stage or (lambda _msg: None)
     out = Path(cfg.out)
@@ -83,19 +91,26 @@ def run_demo(cfg: DemoConfig, on_stage: Callable[[str], None] | None = None, pro
     t = time.perf_counter()
     teacher = load_model(cfg.model, trust_remote_code=cfg.trust_remote_code)
     stages["load"] = time.perf_counter() - t
-    summaries, caches = [], []
-    for trace in ("nl", "equations"):
-        path = out / "caches" / f"teacher-{trace}.zarr"
-        say(f"extracting teacher reading the {trace} CoT -> {path}")
+    traces = out / "traces" / "smollm2-greedy.jsonl"
+    say(f"teacher {cfg.model} solves the training questions itself -> {traces}")
+    t = time.perf_counter()
+    gen = generate_traces(GenerateConfig(model=cfg.model, data=train_data, limit=cfg.train_rows, out=str(traces), max_new_tokens=cfg.gen_max_new_tokens,
+                                         batch_size=cfg.extract_batch_size, device=cfg.device, trust_remote_code=cfg.trust_remote_code),
+                          loaded=teacher, on_progress=progress.get("generate"))
+    stages["generate"] = time.perf_counter() - t
+    summaries, caches, names = [], [], []
+    for name, trace in (("gold CoT", "nl"), ("own traces", str(traces))):
+        path = out / "caches" / f"teacher-{'gold' if trace == 'nl' else 'own'}.zarr"
+        say(f"extracting the teacher reading its {name} -> {path}")
         t = time.perf_counter()
         ecfg = ExtractConfig(
-            model=cfg.model, data=train_data, out=str(path), limit=cfg.train_rows, trace=trace,
-            trace_fallback="nl" if trace == "equations" else None,
+            model=cfg.model, data=train_data if trace == "nl" else "", out=str(path), limit=cfg.train_rows, trace=trace,
             slots=cfg.slots, batch_size=cfg.extract_batch_size, num_threads=cfg.num_threads, device=cfg.device,
         )
         summaries.append(asdict(extract(ecfg, loaded=teacher, on_progress=progress.get("extract"))))
-        stages[f"extract_{trace}"] = time.perf_counter() - t
+        stages[f"extract_{name}"] = time.perf_counter() - t
         caches.append(str(path))
+        names.append(name)
     del teacher
 
     run_dir = out / "run"
@@ -124,6 +139,7 @@ def run_demo(cfg: DemoConfig, on_stage: Callable[[str], None] | None = None, pro
         evals.append(res)
         stages[f"eval_{name}"] = time.perf_counter() - t
 
+    teachers = _teacher_differences(caches, names, tsum.mean_weights)
     report = out / "report"
     report.mkdir(exist_ok=True)
     table = results_table(evals)
@@ -131,5 +147,22 @@ def run_demo(cfg: DemoConfig, on_stage: Callable[[str], None] | None = None, pro
     (report / "results.json").write_text(json.dumps([asdict(e) for e in evals], indent=2))
     plot_run(run_dir, report / "training.png")
     wall = time.perf_counter() - t0
-    (report / "demo.json").write_text(json.dumps({"wall_s": wall, "stage_s": stages, "extract": summaries, "train": asdict(tsum), "config": asdict(cfg)}, indent=2))
-    return DemoResult(str(out), wall, stages, summaries, asdict(tsum), evals, table, str(report))
+    (report / "demo.json").write_text(json.dumps({"wall_s": wall, "stage_s": stages, "extract": summaries, "train": asdict(tsum),
+                                            "generate": asdict(gen), "teachers": teachers, "config": asdict(cfg)}, indent=2))
+    return DemoResult(str(out), wall, stages, summaries, asdict(tsum), evals, table, str(report), asdict(gen), teachers)
+
+
+def _teacher_differences(caches: list[str], names: list[str], weights: list[float]) -> list[dict]:
+    """Per teacher: rows reading its own trace, mean NLL of the gold answer (nats/token), mean router weight."""
+    import numpy as np
+
+    from kvkd.cache.reader import CacheReader
+
+    out = []
+    for url, name, w in zip(caches, names, weights):
+        r = CacheReader.open(url)
+        ds = r.metadata["dataset"]
+        nll = r.read(slice(0, len(r)))["answer_nll"]
+        own = ds["rows"] - len(ds.get("trace_fallback_ids") or []) if ds.get("format") == "trace" else 0
+        out.append({"teacher": name, "cache": url, "rows": ds["rows"], "rows_with_own_trace": own, "mean_answer_nll": float(np.mean(nll)), "mean_router_weight": float(w)})
+    return out

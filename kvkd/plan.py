@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from kvkd.cache.codecs import get_codecs
 from kvkd.cache.compat import tokenizer_differences
 from kvkd.cache.schema import CacheLayout
-from kvkd.data import load_examples
 from kvkd.models import load_config, tokenizer_identity
-from kvkd.pipeline.extract import ExtractConfig, resolve_traces
+from kvkd.pipeline.extract import ExtractConfig, load_rows, resolve_traces
 from kvkd.prompts import PromptTemplate
 from kvkd.train.align import LayerMapSpec, Shape, layer_map
 
@@ -72,7 +71,7 @@ def plan_extraction(cfg: ExtractConfig, student: str | None = None, layer_map_sp
         kvkd.data.DataError: unreadable rows or empty traces (as ``kvkd extract`` would).
         ValueError: no rows selected, an unknown codec, or a layer map that does not fit.
     """
-    data = load_examples(cfg.data, split=cfg.split, fmt=cfg.data_format, limit=cfg.limit, offset=cfg.offset)
+    data, _ = load_rows(cfg)  # the data set, or a trace file's selected examples
     if not data.examples:
         raise ValueError(f"{cfg.data}: no examples selected (offset={cfg.offset}, limit={cfg.limit})")
     traces, fallback_ids = resolve_traces(data.examples, cfg)

@@ -16,7 +16,11 @@ The built-in grid ``plan`` is the project plan's ablation ladder, each step addi
 (KaVa), (3) multi-teacher with fixed uniform weights, (4) similarity router, (5) learnable
 router, (6) + attention-weighted KV loss, (7) + CKA, (8) GOVERN and (9) the difficulty router
 on top of (7); then CA-MKD, AE-KD, grad-cosine and MTKD-RL, also on top of (7); and (7) +
-SIM-CoT's step-level supervision of the latents by each teacher's reasoning steps (``a4``).
+SIM-CoT's step-level supervision of the latents by each teacher's reasoning steps (``a4``). The grid
+``kava-table`` holds the latent rows of KaVa's table: CODI (hidden-state loss only), KaVa with one
+teacher, and multi-teacher rows (fixed, similarity, learnable + attention-weighted KV + CKA, GOVERN);
+its text baselines (CoT-SFT, No-CoT-SFT) are ``kvkd sft`` + ``kvkd eval --mode cot|nocot``, not
+cells yet.
 
 Output folder::
 
@@ -65,6 +69,17 @@ GRIDS: dict[str, list[dict]] = {
         {"name": "mtkd-rl", "train": {"router": "mtkd-rl", **_ON_TOP_OF_7}},
         {"name": "simcot", "train": {"router": "learnable", **_ON_TOP_OF_7, "a4": 1.0}},
     ],
+    # The latent rows of KaVa's Table (Kuzina et al. 2025): CODI = the hidden-state loss only, KaVa with
+    # one teacher, then kvkd's multi-teacher rows. The text baselines of that table (CoT-SFT, No-CoT-SFT)
+    # are not cells of this grid yet: run `kvkd sft --mode cot|nocot` and `kvkd eval --mode cot|nocot`.
+    "kava-table": [
+        {"name": "codi", "teachers": "first", "train": {"router": "fixed", "a2": 0.0}},
+        {"name": "kava-1-teacher", "teachers": "first", "train": {"router": "fixed"}},
+        {"name": "multi-fixed", "train": {"router": "fixed"}},
+        {"name": "multi-similarity", "train": {"router": "similarity"}},
+        {"name": "multi-learnable+attn-kv+cka", "train": {"router": "learnable", **_ON_TOP_OF_7}},
+        {"name": "multi-govern", "train": {"router": "govern", **_ON_TOP_OF_7}},
+    ],
 }
 
 
@@ -104,7 +119,7 @@ class SweepConfig(OptimArgs, RuntimeArgs):
     batch_size: int = override(OptimArgs, "batch_size", 4, "CPU-sized, like the demo")
     lr: float = override(OptimArgs, "lr", 5e-4, "higher for the short CPU runs, like the demo")
     warmup_steps: int = override(OptimArgs, "warmup_steps", 5, "about a tenth of --steps")
-    grid: str = opt("plan", help="Built-in grid (plan) or a YAML/JSON file of rows")
+    grid: str = opt("plan", help="Built-in grid (plan, kava-table) or a YAML/JSON file of rows")
     caches: list[str] = opt(factory=list, cli="cache", help="A teacher cache; repeat for several teachers (the first is the single-teacher rows' teacher)")
     out: str = opt("sweep_out", help="Output folder (cells, results.md/.csv, loss.png, weights.png); resumed if present")
     rows: list[str] = opt(factory=list, cli_type=str, parse=_names, help="Comma-separated row names to run", default_text="all rows")

@@ -467,7 +467,7 @@ def test_fingerprint_pinned_stable_order_sensitive_trace_insensitive():
 
 
 def test_formats_listed():
-    assert FORMATS == ("jsonl", "gsm8k", "icot", "svamp", "multiarith", "math", "gsmhard", "hf")
+    assert FORMATS == ("jsonl", "gsm8k", "icot", "svamp", "multiarith", "math", "gsmhard", "hf", "trace")  # trace: kvkd generate files
 
 
 def test_a_new_format_is_one_registration(tmp_path):

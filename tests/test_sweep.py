@@ -153,3 +153,12 @@ def test_results_csv_is_numeric(tmp_path):
     assert float(single["train_wall_s"]) == pytest.approx(10.5) and single["weight_t1"] == ""
     assert pair["router"] == "similarity" and float(pair["gsm8k_acc_std"]) == 0.0 and float(pair["weight_t1"]) == 0.75
     assert "| single | fixed | first | 2 | 30.0 ± 14.1 | 2.500 ± 0.707 |" in result["table"]
+
+
+def test_kava_table_grid_rows_are_valid_training_options():
+    from kvkd.sweep import load_grid
+
+    rows = {r["name"]: r for r in load_grid("kava-table")}  # validates every option name and router
+    assert rows["codi"]["train"]["a2"] == 0.0 and rows["codi"]["teachers"] == "first"  # CODI: hidden loss only
+    assert rows["kava-1-teacher"]["teachers"] == "first" and "a2" not in rows["kava-1-teacher"]["train"]
+    assert sum(r.get("teachers", "all") == "all" for r in rows.values()) == 4

@@ -36,6 +36,7 @@ from kvkd.models import LoadedModel, key_module, decoder_layers, load_model, res
 from kvkd.pipeline.capture import Capture, TeacherBatch, capture_batch
 from kvkd.pipeline.compress import DEFAULT_LAMBDA, gather_slots, select_slots
 from kvkd.prompts import PromptTemplate, token_span
+from kvkd.traces import TraceSelection, load_trace_examples, row_set
 
 
 ON_BAD_ROW = ("error", "skip")
@@ -49,13 +50,15 @@ def _codec_names() -> list[str]:
 
 
 @dataclass
-class ExtractConfig(DataSelection, RuntimeArgs):
+class ExtractConfig(DataSelection, RuntimeArgs, TraceSelection):
     """Options of ``kvkd extract`` (defaults live here and in the groups, only there).
 
     Attributes (besides the data selection and runtime groups):
         model: teacher spec: ``smollm2``, a .gguf file, a model folder or a hub id.
         out: output store path or fsspec URL (one Zarr v3 group per teacher).
-        trace: CoT the teacher reads: ``nl`` (natural language) or ``equations``.
+        trace: CoT the teacher reads: ``nl`` (natural language), ``equations``, or a trace file
+            of ``kvkd generate`` (the teacher's own traces, selected by ``keep``/``fallback``;
+            its questions and gold answers are the data, so ``data`` stays empty).
         drop_last_step: drop the last CoT step (CODI) so the teacher cannot copy the answer.
         trace_fallback: trace used for rows whose ``trace`` is empty (e.g. GSM8K rows without
             calculator notes have no equation trace); None = such a row is an error. The rows
@@ -85,7 +88,7 @@ class ExtractConfig(DataSelection, RuntimeArgs):
     offset: int | None = override(DataSelection, "offset", 0, "")
     model: str = opt("smollm2", help="Teacher: smollm2 (packaged GGUF), a .gguf file, a model folder or a hub id")
     out: str = opt("", help="Output cache (Zarr v3 group): a path or an fsspec URL")
-    trace: str = opt("nl", help="CoT the teacher reads: nl (natural language) or equations", choices=TRACE_KINDS)
+    trace: str = opt("nl", help="CoT the teacher reads: nl (natural language), equations, or a trace file of kvkd generate (FILE.jsonl; its rows are the data)")
     drop_last_step: bool = opt(True, cli="drop-last-step/keep-last-step", help="Drop the CoT's last step (CODI) so the teacher cannot copy the answer")
     trace_fallback: str | None = opt(None, help="Trace for rows whose --trace is empty (e.g. nl for GSM8K rows without equations); none = such a row is an error", choices=TRACE_KINDS)
     slots: int = opt(6, help="M: KV slots kept per (layer, KV head)")
@@ -221,8 +224,9 @@ def resolve_traces(examples: list[Example], cfg: ExtractConfig) -> tuple[list[st
         DataError: a row has an empty trace and no fallback is set (names the row and the fix).
     """
     traces, fallback_ids = [], []
+    kind = cfg.trace if cfg.trace in TRACE_KINDS else "nl"  # a trace file's examples hold their trace as the CoT
     for ex in examples:
-        trace = build_trace(ex, cfg.trace, drop_last_step=cfg.drop_last_step, allow_empty=True)
+        trace = build_trace(ex, kind, drop_last_step=cfg.drop_last_step, allow_empty=True)
         if not trace.strip():
             if cfg.trace_fallback is None:
                 raise DataError(
@@ -233,6 +237,31 @@ def resolve_traces(examples: list[Example], cfg: ExtractConfig) -> tuple[list[st
             fallback_ids.append(ex.id)
         traces.append(trace)
     return traces, fallback_ids
+
+
+def load_rows(cfg: ExtractConfig) -> tuple[LoadResult, dict]:
+    """The rows to extract: the data set, or a trace file's selected examples (``cfg.trace``).
+
+    Returns:
+        (LoadResult, extra ``dataset`` metadata: for a trace file its identity, selection and row set).
+    Raises:
+        ValueError: ``--trace`` is neither a trace kind nor a file, or a trace file with ``--data``.
+        kvkd.data.DataError: unreadable data or trace file.
+    """
+    if cfg.trace in TRACE_KINDS:
+        if cfg.keep != TraceSelection.keep or cfg.fallback != TraceSelection.fallback:
+            raise ValueError("--keep/--fallback select the traces of a trace file: pass --trace FILE.jsonl (from kvkd generate)")
+        return _load_rows(cfg), {}
+    if not os.path.isfile(cfg.trace):
+        raise ValueError(f"--trace {cfg.trace!r} is neither {' nor '.join(TRACE_KINDS)} nor an existing trace file (write one with kvkd generate)")
+    if cfg.data:
+        raise ValueError("--trace FILE holds its rows (questions and gold answers): leave out --data (use --offset/--limit to pick rows)")
+    examples, counts, tf = load_trace_examples(cfg.trace, cfg.keep, cfg.fallback, cfg.offset or 0, cfg.limit)
+    data = LoadResult(examples, [], str(os.path.abspath(cfg.trace)), "trace")
+    extra = {"trace_file": tf.identity(), "trace_selection": {"keep": cfg.keep, "fallback": cfg.fallback}, "limit": cfg.limit,
+             "row_set": row_set(counts, cfg.keep, cfg.fallback), "trace_fallback_ids": counts["gold_ids"], "trace_skipped_ids": counts["skipped_ids"],
+             "questions_from": tf.header.get("data")}
+    return data, extra
 
 
 def _dataset_selection(cfg: ExtractConfig, data: LoadResult, fallback_ids) -> dict:
@@ -253,26 +282,31 @@ def _dataset_selection(cfg: ExtractConfig, data: LoadResult, fallback_ids) -> di
     }
 
 
-def early_metadata(cfg: ExtractConfig, data: LoadResult, template: PromptTemplate) -> dict:
+def early_metadata(cfg: ExtractConfig, data: LoadResult, template: PromptTemplate, trace_meta: dict | None = None) -> dict:
     """The part of the cache metadata known before the teacher is loaded (for ``CacheWriter.precheck``)."""
+    dataset = _dataset_selection(cfg, data, [])
+    if trace_meta:
+        dataset.update(trace="file", trace_fallback="gold" if trace_meta["trace_fallback_ids"] else None, **trace_meta)
     return {
-        "dataset": _dataset_selection(cfg, data, []),
+        "dataset": dataset,
         "prompt": template.to_json(),
         "compression": {"method": "kava", "slots": cfg.slots, "lambda": cfg.lam},
     }
 
 
 def cache_metadata(cfg: ExtractConfig, loaded: LoadedModel, data: LoadResult, template: PromptTemplate, frame: str,
-                   fallback_ids: list[str] = (), examples: list[Example] | None = None, too_long_ids: list[str] = ()) -> dict:
+                   fallback_ids: list[str] = (), examples: list[Example] | None = None, too_long_ids: list[str] = (),
+                   trace_meta: dict | None = None) -> dict:
     """The JSON metadata of a teacher cache (docs/design.md, section 3).
 
     ``dataset.rows``/``fingerprint`` describe the cached examples (``examples``, default all
     loaded rows); ``selected_rows`` the rows read from the source (before bad or too-long rows
     were left out, listed in ``bad_rows`` (source row numbers) and ``too_long_ids``).
-    ``provenance`` records library versions and the device.
+    ``provenance`` records library versions and the device; ``trace_meta`` (from :func:`load_rows`)
+    a trace file's identity, selection and row set.
     """
     examples = data.examples if examples is None else examples
-    return {
+    meta = {
         "teacher": loaded.info,
         "tokenizer": tokenizer_identity(loaded.tokenizer),
         "dataset": {
@@ -286,6 +320,9 @@ def cache_metadata(cfg: ExtractConfig, loaded: LoadedModel, data: LoadResult, te
         "compression": {"method": "kava", "slots": cfg.slots, "lambda": cfg.lam, "key_frame": frame},
         "provenance": provenance(resolve_device(cfg.device)),
     }
+    if trace_meta:
+        meta["dataset"].update(trace="file", trace_fallback="gold" if trace_meta["trace_fallback_ids"] else None, **trace_meta)
+    return meta
 
 
 def provenance(device) -> dict:
@@ -338,8 +375,9 @@ def check_options(cfg: ExtractConfig) -> tuple[int, int]:
         Compressor.parse(cfg.compressor)
     except ValueError as e:
         raise ValueError(f"--compressor: {e}") from None
-    for flag, value, allowed in (("--on-bad-row", cfg.on_bad_row, ON_BAD_ROW), ("--too-long", cfg.too_long, TOO_LONG),
-                                 ("--trace", cfg.trace, TRACE_KINDS)):
+    if cfg.trace not in TRACE_KINDS and not os.path.isfile(cfg.trace):
+        raise ValueError(f"--trace {cfg.trace!r} is neither {' nor '.join(TRACE_KINDS)} nor an existing trace file (write one with kvkd generate)")
+    for flag, value, allowed in (("--on-bad-row", cfg.on_bad_row, ON_BAD_ROW), ("--too-long", cfg.too_long, TOO_LONG)):
         if value not in allowed:
             raise ValueError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
     if cfg.trace_fallback is not None and cfg.trace_fallback not in TRACE_KINDS:
@@ -445,10 +483,10 @@ def extract(
         ValueError: invalid options (naming the flag), rows too long for the teacher.
     """
     part = check_options(cfg)
-    data = _load_rows(cfg)
+    data, trace_meta = load_rows(cfg)
     traces, fallback_ids = resolve_traces(data.examples, cfg)
     if not cfg.overwrite:
-        CacheWriter.precheck(cfg.out, early_metadata(cfg, data, template), codec=cfg.codec,
+        CacheWriter.precheck(cfg.out, early_metadata(cfg, data, template, trace_meta), codec=cfg.codec,
                              compressor=Compressor.parse(cfg.compressor))
     loaded = loaded or load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
     tok = loaded.tokenizer
@@ -468,7 +506,7 @@ def extract(
         slots=cfg.slots,
         examples_per_shard=cfg.examples_per_shard,
     )
-    meta = cache_metadata(cfg, loaded, data, template, frame, fallback_ids, examples=examples, too_long_ids=too_long)
+    meta = cache_metadata(cfg, loaded, data, template, frame, fallback_ids, examples=examples, too_long_ids=too_long, trace_meta=trace_meta)
     shard = None
     try:
         writer = CacheWriter.open(cfg.out, layout, meta, codec=cfg.codec, compressor=Compressor.parse(cfg.compressor), overwrite=cfg.overwrite)

@@ -156,11 +156,16 @@ class PlainEngine:
         """Whether the step's loss is finite (on every rank)."""
         return bool(torch.isfinite(loss.detach()).all())
 
-    def backward_step(self, loss: torch.Tensor) -> bool:
-        """Backward, clip, optimiser and schedule step; returns False (and skips the update, not
-        the schedule) when the gradient norm is NaN/inf."""
-        self.opt.zero_grad(set_to_none=True)
+    def backward_step(self, loss: torch.Tensor, step: bool = True) -> bool:
+        """Add ``loss``'s gradients; with ``step`` (the last micro-batch of gradient accumulation)
+        clip them, step the optimiser and the schedule and start the next step from zero. Returns
+        False (and skips the update, not the schedule) when the gradient norm is NaN/inf."""
+        if not getattr(self, "_accumulating", False):
+            self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        self._accumulating = not step
+        if not step:
+            return True
         norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
         finite = bool(torch.isfinite(norm))
         if finite:
@@ -170,7 +175,10 @@ class PlainEngine:
         return finite
 
     def skip_step(self) -> None:
-        """A step whose loss is non-finite: no update, the schedule moves on (step s keeps lr(s))."""
+        """A step whose loss is non-finite: no update (gradients accumulated in it are dropped),
+        the schedule moves on (step s keeps lr(s))."""
+        self.opt.zero_grad(set_to_none=True)
+        self._accumulating = False
         self.sched.step()
 
     def save(self, run: Path, step: int, keep: int) -> Path:
@@ -287,7 +295,8 @@ class DeepSpeedEngine:
         except json.JSONDecodeError as e:
             raise ValueError(f"--deepspeed {path}: not valid JSON ({e})") from None
         micro = cfg.batch_size // self.world_size
-        wanted = {"train_batch_size": cfg.batch_size, "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": 1}
+        accum = getattr(cfg, "grad_accum", 1)
+        wanted = {"train_batch_size": cfg.batch_size * accum, "train_micro_batch_size_per_gpu": micro, "gradient_accumulation_steps": accum}
         if cfg.batch_size % self.world_size:
             raise ValueError(f"--batch-size {cfg.batch_size} is not a multiple of the {self.world_size} ranks")
         for key, value in wanted.items():
@@ -322,11 +331,13 @@ class DeepSpeedEngine:
         self.dist.all_reduce(bad)
         return float(bad) == 0.0
 
-    def backward_step(self, loss: torch.Tensor) -> bool:
+    def backward_step(self, loss: torch.Tensor, step: bool = True) -> bool:
         """DeepSpeed's backward and step (clipping per the config's ``gradient_clipping``; fp16
-        loss scaling skips overflowing steps itself); returns True."""
-        self.engine.backward(loss)
-        self.engine.step()  # optimiser + lr schedule
+        loss scaling skips overflowing steps itself); returns True. The trainer scales each
+        micro-batch's loss itself; DeepSpeed counts the micro-batches
+        (``gradient_accumulation_steps``) and steps optimiser, clipping and schedule at the boundary."""
+        self.engine.backward(loss, scale_wrt_gas=False)
+        self.engine.step()
         return True
 
     def skip_step(self) -> None:

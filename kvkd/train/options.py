@@ -21,14 +21,17 @@ class OptimArgs:
     """AdamW with linear warm-up then linear decay to 0.
 
     Attributes:
-        steps: optimiser steps; batch_size: examples per step (the global batch).
+        steps: optimiser steps; batch_size: examples per forward (the global micro-batch).
+        grad_accum: micro-batches whose gradients add up before each optimiser step; the
+            effective batch is ``batch_size * grad_accum`` (Coconut's and KaVa's tables need 128).
         lr: peak learning rate; warmup_steps: linear warm-up steps.
         weight_decay: AdamW weight decay; grad_clip: max global gradient norm.
         seed: RNG seed (initialisation, batch order, dropout).
     """
 
     steps: int = opt(100, help="Optimiser steps")
-    batch_size: int = opt(8, help="Examples per optimiser step (the global batch over all ranks)")
+    batch_size: int = opt(8, help="Examples per forward (the global micro-batch over all ranks)")
+    grad_accum: int = opt(1, help="Gradient accumulation: micro-batches per optimiser step (effective batch = --batch-size x --grad-accum)")
     lr: float = opt(2e-4, help="Peak learning rate (linear warm-up, then linear decay to 0)")
     warmup_steps: int = opt(10, help="Linear warm-up steps")
     weight_decay: float = opt(0.0, help="AdamW weight decay")

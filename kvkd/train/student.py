@@ -288,3 +288,20 @@ def add_latent_tokens(lm, tokenizer) -> None:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
             lm.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+
+
+def make_trainable(lm, cfg):
+    """Wrap ``lm`` with peft LoRA adapters (``cfg.use_lora``, :class:`kvkd.train.options.LoraArgs`)
+    or mark all its weights trainable; returns the model to train."""
+    if not cfg.use_lora:
+        for p in lm.parameters():
+            p.requires_grad_(True)
+        return lm
+    from peft import LoraConfig, get_peft_model
+
+    import warnings
+
+    targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else [t.strip() for t in cfg.lora_targets.split(",")]
+    with warnings.catch_warnings():  # peft reads the deprecated `is_gradient_checkpointing` property itself (peft_model.py)
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+        return get_peft_model(lm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM"))

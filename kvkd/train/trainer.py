@@ -40,6 +40,7 @@ from kvkd.cache.errors import CacheMismatchError
 from kvkd.cache.reader import CacheReader
 from kvkd.config import cli_options
 from kvkd.data import dataset_fingerprint, load_examples
+from kvkd.traces import check_same_rows
 from kvkd.eval.overlap import refuse_overlap
 from kvkd.eval.validation import Validator
 from kvkd.models import load_model, tokenizer_identity
@@ -53,7 +54,7 @@ from kvkd.train.routers import build_router
 from kvkd.train.sinks import LatentNorms, Sinks, parse_report_to
 from kvkd.train.rundir import RESUMABLE_OPTIONS, NonFiniteError, RunDir, RunFolderError, changed_options, provenance
 from kvkd.train.step import Trainee, _fuse, _parameter_grads, _per_sample_grads, align_teachers, distill_step, fuse_teachers  # noqa: F401  (re-exported)
-from kvkd.train.student import LatentStudent, add_latent_tokens
+from kvkd.train.student import LatentStudent, add_latent_tokens, make_trainable
 from kvkd.train.teacher_records import describe_teachers, fit_samples, needs_fit
 
 
@@ -110,16 +111,7 @@ def build_student(spec: str, latents: int, cfg: TrainConfig, template: PromptTem
     lm, tok = loaded.model, loaded.tokenizer
     tokenizer_before = tokenizer_identity(tok)  # the teachers' caches know it without <bot>/<eot>
     add_latent_tokens(lm, tok)
-    if cfg.use_lora:
-        from peft import LoraConfig, get_peft_model
-
-        targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else [t.strip() for t in cfg.lora_targets.split(",")]
-        with warnings.catch_warnings():  # peft reads the deprecated `is_gradient_checkpointing` property itself (peft_model.py)
-            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-            lm = get_peft_model(lm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM"))
-    else:
-        for p in lm.parameters():
-            p.requires_grad_(True)
+    lm = make_trainable(lm, cfg)  # LoRA (peft) or all weights
     student = LatentStudent(lm, tok, latents, template)
     student.model_info = loaded.info
     student.tokenizer_identity = tokenizer_before
@@ -145,6 +137,7 @@ def open_teachers(cfg: TrainConfig) -> tuple[list[CacheReader], list[dict]]:
     for reader in readers:
         reader.check_shards()  # deleted/emptied/truncated shard files refused before anything is created
     named = [(url, r.metadata) for url, r in zip(cfg.caches, readers)]
+    check_same_rows(named)  # caches over a trace file's other row set: say which rows each holds
     check_compatible(named, fields=("dataset.fingerprint", "compression.slots", "prompt"))
     if cfg.require_same_tokenizer:
         check_same_tokenizer((f"first teacher {named[0][0]}", named[0][1].get("tokenizer", {})), named[1:], "--require-same-tokenizer")
@@ -164,12 +157,14 @@ def load_training_examples(cfg: TrainConfig, meta: dict):
     refused unless their fingerprint equals the caches'."""
     ds = meta["dataset"]
     source = cfg.data or ds["source"]
+    trace_file = ds.get("format") == "trace"  # a kvkd generate trace file: its row window and selection (kvkd.traces)
     res = load_examples(
         source,
         split=cfg.split if cfg.data else ds.get("split"),
         fmt=cfg.data_format if cfg.data else ds.get("format", "auto"),
         offset=cfg.offset if cfg.offset is not None else ds.get("offset", 0),
-        limit=cfg.limit if cfg.limit is not None else ds.get("selected_rows", ds["rows"]),
+        limit=cfg.limit if cfg.limit is not None else (ds["limit"] if trace_file else ds.get("selected_rows", ds["rows"])),
+        **(ds["trace_selection"] if trace_file and not cfg.data else {}),
         on_bad_row="report" if ds.get("on_bad_row") == "skip" else "raise",  # the rows extraction skipped
     )
     left_out = set(ds.get("too_long_ids", []))  # rows extraction left out as too long for the teacher
@@ -247,8 +242,8 @@ def check_options(cfg: TrainConfig) -> None:
         raise ValueError(f"--fusion {cfg.fusion!r}: choose one of {FUSIONS}")
     for term in terms():  # each term checks its own options (weight >= 0, choices)
         term.check(cfg)
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise ValueError(f"--steps and --batch-size must be >= 1, got {cfg.steps} and {cfg.batch_size}")
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1:
+        raise ValueError(f"--steps, --batch-size and --grad-accum must be >= 1, got {cfg.steps}, {cfg.batch_size} and {cfg.grad_accum}")
     check_router_options(cfg.router, cfg.router_options, len(cfg.caches))
     parse_report_to(cfg.report_to)
 
@@ -352,6 +347,7 @@ def _record(cfg: TrainConfig, trainee: Trainee, engine, recorded: dict | None, d
     resolved["student_shape"] = {"num_layers": trainee.student.num_layers, "num_kv_heads": trainee.student.num_kv_heads, "head_dim": trainee.student.head_dim, "hidden_size": trainee.student.hidden_size}
     resolved["student_tokenizer"] = {k: trainee.student.tokenizer_identity.get(k) for k in ("source", "vocab_size", "hash")}
     resolved["latents"] = trainee.student.num_latents
+    resolved["effective_batch"] = cfg.batch_size * cfg.grad_accum  # examples per optimiser step
     resolved["layer_maps"] = [a.mapping.tolist() for a in trainee.aligners]
     resolved["engine"] = asdict(engine.info)
     here = provenance(engine.device)
@@ -406,6 +402,8 @@ def prepare(cfg: TrainConfig) -> Run:
             trainee.router.prepare(torch.stack([torch.from_numpy(r.column("answer_nll") * r.column("answer_len")) for r in readers], 1))
         engine = build_engine(trainee, cfg)
         check_batches_split(len(examples), cfg.batch_size, engine.world_size)
+        if engine.world_size > 1 and cfg.grad_accum > 1:  # the last micro-batch of an epoch must split over the ranks too
+            check_batches_split(len(examples) % (cfg.batch_size * cfg.grad_accum) or cfg.batch_size, cfg.batch_size, engine.world_size)
         if engine.rank == 0:
             rundir.write_config(_record(cfg, trainee, engine, recorded, done))
         engine.barrier()
@@ -477,11 +475,11 @@ def _fit(run: Run, on_step) -> TrainSummary:
     entries = rundir.truncate_log(start) if lead else []  # the steps the checkpoint covers; later ones are redone
     skipped = sum(1 for e in entries if e.get("skipped"))
     tok = run.trainee.student.tokenizer
-    global_batches = list(_batches(len(run.dataset), cfg.batch_size, cfg.seed, start, cfg.steps))
-    shares = [rank_rows(rows, engine.rank, engine.world_size) for rows in global_batches]  # this rank's rows
+    global_batches = list(_batches(len(run.dataset), cfg.batch_size * cfg.grad_accum, cfg.seed, start, cfg.steps))  # rows per optimiser step
+    micro = [micro_batches(rows, cfg.batch_size, engine.rank, engine.world_size) for rows in global_batches]  # this rank's micro-batches
     loader = DataLoader(
         run.dataset,
-        batch_sampler=[rows for rows, _ in shares],
+        batch_sampler=[rows for step in micro for rows, _ in step],
         collate_fn=functools.partial(collate, pad_id=tok.pad_token_id),  # picklable for spawn/forkserver workers
         num_workers=cfg.num_workers,
         prefetch_factor=cfg.prefetch_factor if cfg.num_workers > 0 else None,
@@ -495,17 +493,25 @@ def _fit(run: Run, on_step) -> TrainSummary:
     run.stack.callback(sinks.close)
     validator = Validator(cfg, run.dataset.examples, rundir.path)  # --valid-data: held-out rows, scored during training
     with rundir.log_writer() if lead else contextlib.nullcontext(lambda entry: None) as write:
-        for step, batch, (_, scale) in zip(range(start, cfg.steps), loader, shares):
+        batches = iter(loader)
+        for step, shares in zip(range(start, cfg.steps), micro):
             torch.manual_seed(cfg.seed * 100003 + step)  # dropout etc. reproducible on resume
-            with engine.autocast():
-                loss, logs = engine(to_device(batch, engine.device), cfg, step)
             lr = engine.lr()  # the rate this step uses
-            if engine.all_finite(loss):
-                why = None if engine.backward_step(loss * scale) else "non-finite gradient"
-            else:
-                engine.skip_step()
-                why = "non-finite loss"
-            logs = _global_logs(engine, logs, len(batch["index"]))
+            parts, why = [], None
+            for k, (_, scale) in enumerate(shares):  # gradient accumulation: one backward per micro-batch
+                batch = next(batches)
+                with engine.autocast():
+                    loss, part = engine(to_device(batch, engine.device), cfg, step)
+                last_micro = k == len(shares) - 1
+                if why is None and not engine.all_finite(loss):
+                    why = "non-finite loss"
+                if why is None:
+                    if not engine.backward_step(loss * scale, step=last_micro):
+                        why = "non-finite gradient"
+                elif last_micro:
+                    engine.skip_step()  # no update; drops any gradient accumulated this step
+                parts.append((_global_logs(engine, part, len(batch["index"])), scale))
+            logs = _mean_logs(parts)
             now = time.perf_counter()
             latent_norm, embedding_norm = norms.pop()
             entry = StepLog(step=step + 1, lr=lr, step_s=now - last, examples_per_s=len(global_batches[step - start]) / (now - last), skipped=why,
@@ -552,6 +558,42 @@ def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) ->
         see :func:`prepare` and :func:`fit`.
     """
     return fit(prepare(cfg), on_step)
+
+
+def micro_batches(rows: list[int], batch_size: int, rank: int, world: int) -> list[tuple[list[int], float]]:
+    """One optimiser step's rows as this rank's micro-batches and their loss scales.
+
+    The step's rows are cut into chunks of ``batch_size`` (the global micro-batch; the last
+    chunk of an epoch may be shorter); each chunk is shared over the ranks (:func:`rank_rows`).
+    A micro-batch's per-example-mean loss times its scale, summed over the chunks and averaged
+    over the ranks, is the per-example mean over all the step's rows, so ``batch 8 x 2
+    accumulation steps`` and ``batch 16`` make the same update.
+
+    Returns:
+        [(this rank's rows of chunk k, scale_k)] with scale_k = rank scale x len(chunk_k) / len(rows).
+    """
+    out = []
+    for lo in range(0, len(rows), batch_size):
+        chunk = rows[lo : lo + batch_size]
+        mine, scale = rank_rows(chunk, rank, world)
+        out.append((mine, scale * len(chunk) / len(rows)))
+    return out
+
+
+def _mean_logs(parts: list[tuple[dict, float]]) -> dict:
+    """One step's logs from its micro-batches' (logs, weight): floats and float lists are
+    weighted means (weights = the micro-batches' shares of the step's rows); other entries
+    (router statistics) are the last micro-batch's."""
+    if len(parts) == 1:
+        return parts[0][0]
+    total = sum(w for _, w in parts)
+    out = dict(parts[-1][0])
+    for key, value in out.items():
+        if isinstance(value, float):
+            out[key] = sum(p[key] * w for p, w in parts) / total
+        elif isinstance(value, list) and value and all(isinstance(x, float) for x in value):
+            out[key] = [sum(p[key][i] * w for p, w in parts) / total for i in range(len(value))]
+    return out
 
 
 def _global_logs(engine, logs: dict, rows: int) -> dict:
