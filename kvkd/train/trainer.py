@@ -380,11 +380,15 @@ def prepare(cfg: TrainConfig) -> Run:
     check_options(cfg)
     cfg = absolute_paths(cfg)
     rundir = RunDir(cfg.out)
-    readers, metas = open_teachers(cfg)  # read-only: a damaged cache is refused before the run folder exists
     stack = contextlib.ExitStack()
     try:
-        if _rank() == 0:
+        lead = _rank() == 0
+        if lead and rundir.path.is_dir():  # an existing folder: refuse a second trainer before any work
             stack.enter_context(rundir.lock())
+        readers, metas = open_teachers(cfg)  # read-only: a damaged cache is refused before a new run folder exists
+        if lead:
+            if not rundir.path.is_dir():
+                stack.enter_context(rundir.lock())  # creates the folder
             if cfg.fresh:
                 rundir.clear()
             rundir.remove_partial()
