@@ -5,7 +5,8 @@ the data set and its traces, and returns an :class:`ExtractionPlan`: the teacher
 its tokenizer identity, the tokens the teacher would read, the cache's arrays and their
 size for the chosen codec, and -- given a student -- the layer map and projections a
 training run would use. Nothing is written. It sits at the package top level because it
-joins extraction options (``kvkd.pipeline``) with training's alignment (``kvkd.train``).
+joins extraction options (``kvkd.pipeline``) with the models' shapes and layer maps
+(``kvkd.models.ModelShape``, ``layer_map``); it imports nothing of ``kvkd.train``.
 """
 
 from __future__ import annotations
@@ -16,10 +17,9 @@ from kvkd.cache.codecs import get_codec
 from kvkd.cache.compat import tokenizer_differences
 from kvkd.cache.schema import CacheLayout
 from kvkd.data import load_examples
-from kvkd.models import load_config, tokenizer_identity
+from kvkd.models import LayerMapSpec, ModelShape, layer_map, load_config, tokenizer_identity
 from kvkd.pipeline.extract import ExtractConfig, resolve_traces
 from kvkd.prompts import PromptTemplate
-from kvkd.train.align import LayerMapSpec, Shape, layer_map
 
 
 @dataclass
@@ -63,7 +63,7 @@ def plan_extraction(cfg: ExtractConfig, student: str | None = None, layer_map_sp
     Args:
         cfg: extraction options (``out`` is not needed).
         student: optional student spec; its config and tokenizer are read the same way.
-        layer_map_spec: layer map to show against the student (see ``kvkd.train.align.layer_map``).
+        layer_map_spec: layer map to show against the student (see ``kvkd.models.layer_map``).
         template: prompt layout.
     Returns:
         ExtractionPlan.
@@ -102,7 +102,7 @@ def plan_extraction(cfg: ExtractConfig, student: str | None = None, layer_map_sp
     )
     if student:
         s = load_config(student, trust_remote_code=cfg.trust_remote_code)
-        t_shape, s_shape = Shape.from_layout(info), Shape.from_layout(s.info)
+        t_shape, s_shape = ModelShape.from_layout(info), ModelShape.from_layout(s.info)
         n_t, n_s = t_shape.num_kv_heads * t_shape.head_dim, s_shape.num_kv_heads * s_shape.head_dim
         plan.student = {
             "spec": student,
