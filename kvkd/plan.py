@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from kvkd.cache.codecs import get_codec
 from kvkd.cache.compat import tokenizer_differences
 from kvkd.cache.schema import CacheLayout
-from kvkd.data import load_examples
 from kvkd.models import LayerMapSpec, ModelShape, layer_map, load_config, tokenizer_identity
-from kvkd.pipeline.extract import ExtractConfig, resolve_traces
+from kvkd.pipeline.extract import ExtractConfig, resolve_traces, select_rows, teacher_lengths
 from kvkd.prompts import PromptTemplate
 
 
@@ -72,13 +71,10 @@ def plan_extraction(cfg: ExtractConfig, student: str | None = None, layer_map_sp
         kvkd.data.DataError: unreadable rows or empty traces (as ``kvkd extract`` would).
         ValueError: no rows selected, an unknown codec, or a layer map that does not fit.
     """
-    data = load_examples(cfg.data, split=cfg.split, fmt=cfg.data_format, limit=cfg.limit, offset=cfg.offset)
-    if not data.examples:
-        raise ValueError(f"{cfg.data}: no examples selected (offset={cfg.offset}, limit={cfg.limit})")
+    data = select_rows(cfg)  # the rows extract would read
     traces, fallback_ids = resolve_traces(data.examples, cfg)
     teacher = load_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    texts = [template.teacher_text(ex.question, tr, ex.answer)[0] for ex, tr in zip(data.examples, traces)]
-    lengths = [len(ids) for ids in teacher.tokenizer(texts)["input_ids"]]
+    lengths = teacher_lengths(teacher.tokenizer, data.examples, traces, template)
     info = teacher.info
     codec = get_codec(cfg.codec)
     layout = CacheLayout(len(data.examples), info["num_layers"], info["num_kv_heads"], info["head_dim"], info["hidden_size"], cfg.slots, cfg.examples_per_shard).resolved(codec)

@@ -370,8 +370,14 @@ def check_output_path(out: str) -> None:
         raise ValueError(f"--out {out}: folder {probe} is not writable (read-only or no permission); choose another --out")
 
 
-def _load_rows(cfg: ExtractConfig) -> LoadResult:
-    """The selected data rows; ``--on-bad-row skip`` leaves unparseable ones out (listed)."""
+def select_rows(cfg: ExtractConfig) -> LoadResult:
+    """The selected data rows (shared by ``extract`` and ``kvkd.plan``); ``--on-bad-row skip``
+    leaves unparseable ones out (listed in ``problems``).
+
+    Raises:
+        kvkd.data.DataError: a bad row (naming the file, row and ``--on-bad-row``).
+        ValueError: no rows selected.
+    """
     try:
         data = load_examples(cfg.data, split=cfg.split, fmt=cfg.data_format, limit=cfg.limit, offset=cfg.offset or 0,
                              on_bad_row="report" if cfg.on_bad_row == "skip" else "raise")
@@ -444,7 +450,7 @@ def extract(
         ValueError: invalid options (naming the flag), rows too long for the teacher.
     """
     part = check_options(cfg)
-    data = _load_rows(cfg)
+    data = select_rows(cfg)
     traces, fallback_ids = resolve_traces(data.examples, cfg)
     if not cfg.overwrite:
         CacheWriter.precheck(cfg.out, early_metadata(cfg, data, template), codec=cfg.codec,
