@@ -196,6 +196,12 @@ def _load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[Any, Any, str]:
     return model.to(dtype), tokenizer, str(gguf)
 
 
+def looks_local(spec: str) -> bool:
+    """True if ``spec`` can only be a local path, never a hub id (``owner/name``): it is absolute,
+    starts with ``.`` or ``~``, or has more than one ``/``. Such a spec is never looked up on the hub."""
+    return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec
+
+
 def load_model(
     spec: str,
     dtype: str = "float32",
@@ -235,6 +241,8 @@ def load_model(
         info.update(source="folder", weights_sha256=weights_sha256(path), location={"path": str(path.resolve())})
     elif path.exists():
         raise ModelLoadError(f"{path} is neither a model folder nor a .gguf file")
+    elif looks_local(spec):
+        raise ModelLoadError(f"{spec}: no such model folder or file (a local path, so the hub is not asked); check the path (relative paths are from {Path.cwd()})")
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(
@@ -307,6 +315,8 @@ def load_config(spec: str, revision: str | None = None, trust_remote_code: bool 
             info.update(source="folder")
         elif path.exists():
             raise ModelLoadError(f"{path} is neither a model folder nor a .gguf file")
+        elif looks_local(spec):
+            raise ModelLoadError(f"{spec}: no such model folder or file (a local path, so the hub is not asked); check the path (relative paths are from {Path.cwd()})")
         else:
             config = AutoConfig.from_pretrained(spec, revision=revision, trust_remote_code=trust_remote_code)
             tokenizer = AutoTokenizer.from_pretrained(spec, revision=revision, trust_remote_code=trust_remote_code)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kvkd.cache.codecs import get_codec
+from kvkd.cache.codecs import get_codecs
 from kvkd.cache.compat import tokenizer_differences
 from kvkd.cache.schema import CacheLayout
 from kvkd.models import LayerMapSpec, ModelShape, layer_map, load_config, tokenizer_identity
@@ -76,7 +76,7 @@ def plan_extraction(cfg: ExtractConfig, student: str | None = None, layer_map_sp
     teacher = load_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
     lengths = teacher_lengths(teacher.tokenizer, data.examples, traces, template)
     info = teacher.info
-    codec = get_codec(cfg.codec)
+    codec = get_codecs(cfg.codec)
     layout = CacheLayout(len(data.examples), info["num_layers"], info["num_kv_heads"], info["head_dim"], info["hidden_size"], cfg.slots, cfg.examples_per_shard).resolved(codec)
     per_example = layout.bytes_per_example(codec)
     t_identity = tokenizer_identity(teacher.tokenizer)

@@ -21,7 +21,7 @@ import zarr.errors
 
 from kvkd.cache import integrity
 from kvkd.cache import zarr_adapter as za
-from kvkd.cache.codecs import codec_from_json
+from kvkd.cache.codecs import CodecSet
 from kvkd.cache.errors import CacheError
 from kvkd.cache.integrity import CHECKSUM_ARRAY, ChunkProblem
 from kvkd.cache.schema import FLAG_ARRAY, SCHEMA_VERSION, CacheLayout
@@ -41,7 +41,8 @@ class CacheReader:
         url: the cache's location.
         metadata: all group attributes (teacher, tokenizer, dataset, layout, codec, status ...).
         layout: ``CacheLayout`` with ``examples_per_shard`` resolved.
-        codec: the storage codec of ``keys``/``values``/``hidden``.
+        codecs: the storage codec of each of ``keys``/``values``/``hidden`` (``CodecSet``; one
+            codec for all three in caches written before per-array codecs).
     """
 
     def __init__(self, url: str, group: zarr.Group, allow_incomplete: bool, check: str = "full"):
@@ -50,17 +51,22 @@ class CacheReader:
         self.url, self.group, self.allow_incomplete, self.check = url, group, allow_incomplete, check
         self.metadata: dict[str, Any] = group.attrs.asdict()
         self.layout = CacheLayout.from_json(self.metadata["layout"])
-        self.codec = codec_from_json(self.metadata["codec"])
+        try:
+            self.codecs = CodecSet.from_metadata(self.metadata)
+        except (KeyError, ValueError) as e:
+            msg = e.args[0] if e.args else e
+            raise CacheError(f"cache {url}: cannot read its codec record ({msg}); it may need a newer kvkd") from None
         self._specs = self.layout.row_specs()
+        self._parts = {name: list(self.codecs[name].storage_dtypes(spec.shape)) for name, spec in self._specs.items() if spec.encoded}
         self.schema = int(self.metadata.get("schema_version", 1))
         self._arrays: dict[str, zarr.Array] = {}
-        wanted = list(self.layout.arrays(self.codec)) + ([CHECKSUM_ARRAY] if self.schema >= 2 else [])
+        wanted = list(self.layout.arrays(self.codecs)) + ([CHECKSUM_ARRAY] if self.schema >= 2 else [])
         for name in wanted:
             try:
                 self._arrays[name] = group[name]
             except KeyError:
                 raise CacheError(f"cache {url} has no array {name!r}; was its creation interrupted?") from None
-        self._names = [n for n in self.layout.arrays(self.codec) if n != FLAG_ARRAY]  # data arrays
+        self._names = [n for n in self.layout.arrays(self.codecs) if n != FLAG_ARRAY]  # data arrays
         self._checksums = self._arrays.pop(CHECKSUM_ARRAY, None)
         if self._checksums is not None and self.metadata.get("checksums", {}).get("arrays") != self._names:
             raise CacheError(f"cache {url}: its checksum table lists arrays {self.metadata.get('checksums', {}).get('arrays')}, "
@@ -249,8 +255,7 @@ class CacheReader:
         out = {}
         for name, spec in self._specs.items():
             if spec.encoded:
-                parts = {k[len(name):]: v for k, v in stored.items() if k == name or k == f"{name}_scale"}
-                out[name] = self.codec.decode(parts)
+                out[name] = self.codecs[name].decode({suffix: stored[name + suffix] for suffix in self._parts[name]})
             else:
                 out[name] = np.asarray(stored[name], dtype=spec.dtype)
         return out
@@ -350,7 +355,7 @@ class CacheReader:
             "arrays": arrays,
             "stored_bytes": total,
             "bytes_per_example": total / max(written, 1),
-            "uncompressed_bytes_per_example": self.layout.bytes_per_example(self.codec),
+            "uncompressed_bytes_per_example": self.layout.bytes_per_example(self.codecs),
             "checksums": "crc32c per chunk; size, BLAKE2b-64 and index crc32c per shard" if self._checksums is not None else f"none (schema {self.schema})",
         }
 
@@ -392,7 +397,7 @@ class CacheReader:
                 problems.append("status is 'complete' but some written flags are 0")
         elif status != "complete":
             problems.append(f"all shards are written but status is {status!r}: run `kvkd extract` again to finalize")
-        for name, spec in self.layout.arrays(self.codec).items():
+        for name, spec in self.layout.arrays(self.codecs).items():
             arr = self._arrays[name]
             if tuple(arr.shape) != (len(self), *spec.shape) or arr.dtype != spec.dtype:
                 want = (len(self), *spec.shape)

@@ -45,11 +45,11 @@ import zarr.errors
 import kvkd
 from kvkd.cache import claims, integrity
 from kvkd.cache import zarr_adapter as za
-from kvkd.cache.codecs import Compressor, StorageCodec, get_codec
+from kvkd.cache.codecs import CodecSet, Compressor, StorageCodec, get_codecs
 from kvkd.cache.errors import CacheError, CacheMismatchError
 from kvkd.cache.schema import FLAG_ARRAY, SCHEMA_VERSION, CacheLayout
 
-RESERVED_KEYS = ("schema_version", "kvkd_version", "created", "completed", "status", "layout", "codec", "compressor", "checksums")
+RESERVED_KEYS = ("schema_version", "kvkd_version", "created", "completed", "status", "layout", "codec", "codecs", "compressor", "checksums")
 VOLATILE_KEYS = frozenset({"created", "completed", "updated", "host", "hostname", "pid", "elapsed_s", "wall_s", "location", "source", "provenance"})
 """Metadata keys (at any depth) that may differ between runs of one extraction."""
 _MISSING = "<missing>"
@@ -92,15 +92,15 @@ class CacheWriter:
     Attributes:
         url: where the cache lives (local path or fsspec URL).
         layout: the resolved layout (``examples_per_shard`` > 0).
-        codec: storage codec of ``keys``/``values``/``hidden``.
+        codecs: the storage codec of each of ``keys``/``values``/``hidden`` (``CodecSet``).
         compressor: byte compressor of every array.
     """
 
-    def __init__(self, url: str, group: zarr.Group, layout: CacheLayout, codec: StorageCodec, compressor: Compressor):
-        self.url, self.group, self.layout, self.codec, self.compressor = url, group, layout, codec, compressor
+    def __init__(self, url: str, group: zarr.Group, layout: CacheLayout, codecs: CodecSet, compressor: Compressor):
+        self.url, self.group, self.layout, self.codecs, self.compressor = url, group, layout, codecs, compressor
         self._claims_dir = claims.claims_dir(url)
         self._held: dict[int, claims.Claim] = {}
-        self._names = data_array_names(layout, codec)
+        self._names = data_array_names(layout, codecs)
         self._arrays = self._ensure_arrays()
 
     # ---- opening ------------------------------------------------------------------------------
@@ -111,7 +111,7 @@ class CacheWriter:
         url: str | Path,
         layout: CacheLayout,
         metadata: dict[str, Any],
-        codec: str | dict[str, Any] | StorageCodec = "float16",
+        codec: str | dict[str, Any] | StorageCodec | CodecSet = "float16",
         compressor: Compressor = Compressor("zstd", 3),
         overwrite: bool = False,
     ) -> CacheWriter:
@@ -122,8 +122,10 @@ class CacheWriter:
             layout: sizes; ``examples_per_shard=0`` picks ~32 MiB shards.
             metadata: JSON dict (teacher, tokenizer, dataset with ``fingerprint``, prompt,
                 compression ...) stored as group attributes, next to ``schema_version``,
-                ``kvkd_version``, ``created``, ``status``, ``layout``, ``codec``, ``compressor``.
-            codec: storage codec name (``"float16"``, ``"bfloat16"``, ``"float32"``, ``"int8"``) or JSON.
+                ``kvkd_version``, ``created``, ``status``, ``layout``, ``codec``, ``codecs``, ``compressor``.
+            codec: the per-array storage codecs: a preset (``"fp16"``, ``"int8"``, ``"int4"``), one
+                codec for every array (``"float16"``, ``"bfloat16"`` ... or JSON), a dict array ->
+                codec, or a ``CodecSet`` (see ``kvkd.cache.codecs.get_codecs``).
             compressor: byte compressor.
             overwrite: delete an existing cache at ``url`` and start afresh (single writer only).
         Raises:
@@ -136,8 +138,8 @@ class CacheWriter:
         # Local URLs go through zarr's LocalStore (atomic writes, creates folders); fsspec's
         # file:// store needs auto_mkdir and writes in place.
         target = str(local.parent) if local is not None else url
-        codec = get_codec(codec)
-        layout = layout.resolved(codec)
+        codecs = get_codecs(codec)
+        layout = layout.resolved(codecs)
         meta = _as_json(metadata, "cache metadata")
         reserved = sorted(set(meta) & set(RESERVED_KEYS))
         if reserved:
@@ -145,9 +147,10 @@ class CacheWriter:
         header = {
             "schema_version": SCHEMA_VERSION,
             "layout": layout.to_json(),
-            "codec": codec.to_json(),
+            "codec": codecs.legacy_json(),
+            "codecs": codecs.to_json(),
             "compressor": compressor.to_json(),
-            "checksums": {"chunks": "crc32c", "shards": list(integrity.DIGEST_FIELDS), "arrays": data_array_names(layout, codec)},
+            "checksums": {"chunks": "crc32c", "shards": list(integrity.DIGEST_FIELDS), "arrays": data_array_names(layout, codecs)},
         }
         _refuse_foreign_directory(local)
         if not overwrite:
@@ -156,7 +159,7 @@ class CacheWriter:
                 _check_same(url, existing.attrs.asdict(), header, meta)
                 if local is not None:
                     clean_partials(local.parent)  # a killed writer's temporary files
-                return cls(url, existing, layout, codec, compressor)
+                return cls(url, existing, layout, codecs, compressor)
         attrs = {**meta, **header, "kvkd_version": kvkd.__version__, "created": now_iso(), "status": "incomplete"}
         try:
             group = zarr.open_group(target, mode="w" if overwrite else "w-", attributes=attrs, zarr_format=3)
@@ -167,13 +170,13 @@ class CacheWriter:
                                  f"{_CREATE_WAIT_S:.0f} s: another process may have died while creating it; remove it and retry") from None
             _check_same(url, existing.attrs.asdict(), header, meta)
             group = existing
-        return cls(url, group, layout, codec, compressor)
+        return cls(url, group, layout, codecs, compressor)
 
     @staticmethod
     def precheck(
         url: str | Path,
         metadata: dict[str, Any],
-        codec: str | dict[str, Any] | StorageCodec = "float16",
+        codec: str | dict[str, Any] | StorageCodec | CodecSet = "float16",
         compressor: Compressor = Compressor("zstd", 3),
     ) -> None:
         """Refuse early (before a teacher loads) to resume a cache at ``url`` made otherwise.
@@ -193,7 +196,8 @@ class CacheWriter:
             existing = zarr.open_group(str(local.parent) if local is not None else url, mode="r", zarr_format=3)
         except (FileNotFoundError, zarr.errors.NodeNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.ContainsArrayError):
             return
-        header = {"schema_version": SCHEMA_VERSION, "codec": get_codec(codec).to_json(), "compressor": compressor.to_json()}
+        codecs = get_codecs(codec)
+        header = {"schema_version": SCHEMA_VERSION, "codec": codecs.legacy_json(), "codecs": codecs.to_json(), "compressor": compressor.to_json()}
         _check_same(url, existing.attrs.asdict(), header, _as_json(metadata, "cache metadata"))
 
     def _ensure_arrays(self) -> dict[str, zarr.Array]:
@@ -202,7 +206,7 @@ class CacheWriter:
         Every chunk ends with its crc32c and is stored even when equal to the fill value.
         """
         eps, n = self.layout.examples_per_shard, self.layout.num_examples
-        specs = {name: (spec.shape, spec.dtype, True) for name, spec in self.layout.arrays(self.codec).items()}
+        specs = {name: (spec.shape, spec.dtype, True) for name, spec in self.layout.arrays(self.codecs).items()}
         specs[FLAG_ARRAY] = ((), np.dtype(np.uint8), False)
         specs[integrity.CHECKSUM_ARRAY] = ((len(self._names), len(integrity.DIGEST_FIELDS)), np.dtype(np.uint64), None)
         out = {}
@@ -339,7 +343,7 @@ class CacheWriter:
                 stored[name] = x
                 continue
             try:
-                parts = self.codec.encode(x)
+                parts = self.codecs[name].encode(x)
             except ValueError as e:
                 raise CacheError(f"array {name!r}: {e}") from None
             stored.update({name + suffix: part for suffix, part in parts.items()})
@@ -372,7 +376,7 @@ class CacheWriter:
 # ---- helpers ------------------------------------------------------------------------------------
 
 
-def data_array_names(layout: CacheLayout, codec: StorageCodec) -> list[str]:
+def data_array_names(layout: CacheLayout, codec: StorageCodec | CodecSet) -> list[str]:
     """Stored per-example arrays with a shard digest, in ``shard_checksums`` order (flags excluded)."""
     return [name for name in layout.arrays(codec) if name != FLAG_ARRAY]
 

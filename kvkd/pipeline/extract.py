@@ -43,9 +43,9 @@ TOO_LONG = ("error", "skip")
 
 
 def _codec_names() -> list[str]:
-    from kvkd.cache.codecs import CODECS
+    from kvkd.cache.codecs import codec_choices
 
-    return CODECS.names()
+    return codec_choices()
 
 
 @dataclass
@@ -64,7 +64,9 @@ class ExtractConfig(DataSelection, RuntimeArgs):
         lam: lambda of the KaVa eviction score (importance weight).
         batch_size: examples per teacher forward.
         dtype: dtype the teacher runs in.
-        codec: storage codec (a name of ``kvkd.cache.codecs.CODECS``).
+        codec: storage codecs: a preset of ``kvkd.cache.codecs.PRESETS`` (per-array codecs:
+            ``fp16``, ``int8``, ``int4``) or a name of ``kvkd.cache.codecs.CODECS`` (one codec
+            for keys, values and hidden; ``float16`` is the ``fp16`` preset).
         compressor: byte compressor, ``zstd:LEVEL``, ``blosc:LEVEL:SHUFFLE`` or ``none``.
         examples_per_shard: examples per shard file (0 = about 32 MB per shard).
         overwrite: replace an existing store at ``out``.
@@ -90,7 +92,7 @@ class ExtractConfig(DataSelection, RuntimeArgs):
     lam: float = opt(DEFAULT_LAMBDA, cli="lambda", help="KaVa eviction score weight of importance vs uniqueness, in [0, 1]")
     batch_size: int = opt(8, help="Examples per teacher forward")
     dtype: str = opt("float32", help="Teacher dtype: float32, bfloat16 or float16", choices=("float32", "bfloat16", "float16"))
-    codec: str = opt("float16", help="Storage codec of the cached tensors", choices=_codec_names)
+    codec: str = opt("float16", help="Storage codecs of keys/values/hidden: a preset (fp16; int8 = keys int8 per channel, values int8 per token, hidden int8 with fp16 outliers, within 1% error; int4 the same at 4 bits) or one codec for all three", choices=_codec_names)
     compressor: str = opt("zstd:3", help="Byte compressor: zstd:LEVEL, blosc:LEVEL:byte|bit|none, or none")
     examples_per_shard: int = opt(0, help="Examples per shard file (0 = about 32 MB of data per shard)")
     overwrite: bool = opt(False, cli="overwrite/no-overwrite", help="Replace an existing cache at --out instead of resuming it")
@@ -319,7 +321,6 @@ def check_options(cfg: ExtractConfig) -> tuple[int, int]:
     Raises:
         ValueError: naming the option (its CLI flag) and the fix.
     """
-    from kvkd.cache.codecs import CODECS
 
     if not cfg.out:
         raise ValueError("no output cache given: pass --out PATH")
@@ -331,8 +332,8 @@ def check_options(cfg: ExtractConfig) -> tuple[int, int]:
         raise ValueError(f"--batch-size must be >= 1, got {cfg.batch_size}")
     if cfg.examples_per_shard < 0:
         raise ValueError(f"--examples-per-shard must be >= 0 (0 = about 32 MB per shard), got {cfg.examples_per_shard}")
-    if cfg.codec not in CODECS.names():
-        raise ValueError(f"--codec {cfg.codec!r} is not one of {', '.join(CODECS.names())}")
+    if cfg.codec not in _codec_names():
+        raise ValueError(f"--codec {cfg.codec!r} is not one of {', '.join(_codec_names())}")
     try:
         Compressor.parse(cfg.compressor)
     except ValueError as e:
