@@ -5,7 +5,8 @@ the data set and its traces, and returns an :class:`ExtractionPlan`: the teacher
 its tokenizer identity, the tokens the teacher would read, the cache's arrays and their
 size for the chosen codec, and -- given a student -- the layer map and projections a
 training run would use. Nothing is written. It sits at the package top level because it
-joins extraction options (``kvkd.pipeline``) with training's alignment (``kvkd.train``).
+joins extraction options (``kvkd.pipeline``) with the models' shapes and layer maps
+(``kvkd.models.ModelShape``, ``layer_map``); it imports nothing of ``kvkd.train``.
 """
 
 from __future__ import annotations
@@ -15,10 +16,9 @@ from dataclasses import dataclass, field
 from kvkd.cache.codecs import get_codecs
 from kvkd.cache.compat import tokenizer_differences
 from kvkd.cache.schema import CacheLayout
-from kvkd.models import load_config, tokenizer_identity
-from kvkd.pipeline.extract import ExtractConfig, load_rows, resolve_traces
+from kvkd.models import LayerMapSpec, ModelShape, layer_map, load_config, tokenizer_identity
+from kvkd.pipeline.extract import ExtractConfig, load_rows, resolve_traces, teacher_lengths
 from kvkd.prompts import PromptTemplate
-from kvkd.train.align import LayerMapSpec, Shape, layer_map
 
 
 @dataclass
@@ -62,7 +62,7 @@ def plan_extraction(cfg: ExtractConfig, student: str | None = None, layer_map_sp
     Args:
         cfg: extraction options (``out`` is not needed).
         student: optional student spec; its config and tokenizer are read the same way.
-        layer_map_spec: layer map to show against the student (see ``kvkd.train.align.layer_map``).
+        layer_map_spec: layer map to show against the student (see ``kvkd.models.layer_map``).
         template: prompt layout.
     Returns:
         ExtractionPlan.
@@ -71,13 +71,10 @@ def plan_extraction(cfg: ExtractConfig, student: str | None = None, layer_map_sp
         kvkd.data.DataError: unreadable rows or empty traces (as ``kvkd extract`` would).
         ValueError: no rows selected, an unknown codec, or a layer map that does not fit.
     """
-    data, _ = load_rows(cfg)  # the data set, or a trace file's selected examples
-    if not data.examples:
-        raise ValueError(f"{cfg.data}: no examples selected (offset={cfg.offset}, limit={cfg.limit})")
+    data, _ = load_rows(cfg)  # the rows extract would read: the data set, or a trace file's selected examples
     traces, fallback_ids = resolve_traces(data.examples, cfg)
     teacher = load_config(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    texts = [template.teacher_text(ex.question, tr, ex.answer)[0] for ex, tr in zip(data.examples, traces)]
-    lengths = [len(ids) for ids in teacher.tokenizer(texts)["input_ids"]]
+    lengths = teacher_lengths(teacher.tokenizer, data.examples, traces, template)
     info = teacher.info
     codec = get_codecs(cfg.codec)
     layout = CacheLayout(len(data.examples), info["num_layers"], info["num_kv_heads"], info["head_dim"], info["hidden_size"], cfg.slots, cfg.examples_per_shard).resolved(codec)
@@ -101,7 +98,7 @@ def plan_extraction(cfg: ExtractConfig, student: str | None = None, layer_map_sp
     )
     if student:
         s = load_config(student, trust_remote_code=cfg.trust_remote_code)
-        t_shape, s_shape = Shape.from_layout(info), Shape.from_layout(s.info)
+        t_shape, s_shape = ModelShape.from_layout(info), ModelShape.from_layout(s.info)
         n_t, n_s = t_shape.num_kv_heads * t_shape.head_dim, s_shape.num_kv_heads * s_shape.head_dim
         plan.student = {
             "spec": student,

@@ -30,3 +30,8 @@ def test_cache_imports_neither_torch_nor_upstream_packages():
 def test_config_and_train_options_import_no_torch_or_typer():
     mods = _modules_after("import kvkd.config, kvkd.train.options")
     assert "torch" not in mods and "typer" not in mods
+
+
+def test_plan_does_not_import_train():
+    mods = _modules_after("import kvkd.plan")
+    assert not [m for m in mods if m.startswith("kvkd.train")]

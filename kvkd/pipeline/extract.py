@@ -251,12 +251,14 @@ def load_rows(cfg: ExtractConfig) -> tuple[LoadResult, dict]:
     if cfg.trace in TRACE_KINDS:
         if cfg.keep != TraceSelection.keep or cfg.fallback != TraceSelection.fallback:
             raise ValueError("--keep/--fallback select the traces of a trace file: pass --trace FILE.jsonl (from kvkd generate)")
-        return _load_rows(cfg), {}
+        return select_rows(cfg), {}
     if not os.path.isfile(cfg.trace):
         raise ValueError(f"--trace {cfg.trace!r} is neither {' nor '.join(TRACE_KINDS)} nor an existing trace file (write one with kvkd generate)")
     if cfg.data:
         raise ValueError("--trace FILE holds its rows (questions and gold answers): leave out --data (use --offset/--limit to pick rows)")
     examples, counts, tf = load_trace_examples(cfg.trace, cfg.keep, cfg.fallback, cfg.offset or 0, cfg.limit)
+    if not examples:
+        raise ValueError(f"--trace {cfg.trace}: no examples selected (--offset {cfg.offset}, --limit {cfg.limit}, --keep {cfg.keep}, --fallback {cfg.fallback})")
     data = LoadResult(examples, [], str(os.path.abspath(cfg.trace)), "trace")
     extra = {"trace_file": tf.identity(), "trace_selection": {"keep": cfg.keep, "fallback": cfg.fallback}, "limit": cfg.limit,
              "row_set": row_set(counts, cfg.keep, cfg.fallback), "trace_fallback_ids": counts["gold_ids"], "trace_skipped_ids": counts["skipped_ids"],
@@ -409,8 +411,14 @@ def check_output_path(out: str) -> None:
         raise ValueError(f"--out {out}: folder {probe} is not writable (read-only or no permission); choose another --out")
 
 
-def _load_rows(cfg: ExtractConfig) -> LoadResult:
-    """The selected data rows; ``--on-bad-row skip`` leaves unparseable ones out (listed)."""
+def select_rows(cfg: ExtractConfig) -> LoadResult:
+    """The selected data rows (shared by ``extract`` and ``kvkd.plan``); ``--on-bad-row skip``
+    leaves unparseable ones out (listed in ``problems``).
+
+    Raises:
+        kvkd.data.DataError: a bad row (naming the file, row and ``--on-bad-row``).
+        ValueError: no rows selected.
+    """
     try:
         data = load_examples(cfg.data, split=cfg.split, fmt=cfg.data_format, limit=cfg.limit, offset=cfg.offset or 0,
                              on_bad_row="report" if cfg.on_bad_row == "skip" else "raise")

@@ -39,108 +39,17 @@ slot ``m`` (``H_kv_t * D_t``) to the student's (``H_kv_s * D_s``), shared over s
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-from typing import Union
 
 import numpy as np
 import torch
 from torch import nn
 from torch.nn.utils.parametrizations import orthogonal
 
-LAYER_MAPS = ("proportional", "last")
-LayerMapSpec = Union[str, list[int]]
-"""``"proportional"``, ``"last"`` or an explicit list of teacher layers (one per student layer)."""
+# The model shape and the layer maps live with the models (``kvkd.models``); the names stay here for callers.
+from kvkd.models import LAYER_MAPS, LayerMapSpec, ModelShape, layer_map, layer_maps_per_teacher, parse_layer_map  # noqa: E402,F401
 
-
-@dataclass(frozen=True)
-class Shape:
-    """KV/hidden shape of a model: L layers, H_kv KV heads, D head dim, d hidden size."""
-
-    num_layers: int
-    num_kv_heads: int
-    head_dim: int
-    hidden_size: int
-
-    @classmethod
-    def from_layout(cls, layout: dict) -> "Shape":
-        """From a cache's ``layout`` metadata (or a model ``info`` dict with the same keys)."""
-        return cls(int(layout["num_layers"]), int(layout["num_kv_heads"]), int(layout["head_dim"]), int(layout["hidden_size"]))
-
-
-def layer_map(num_teacher_layers: int, num_student_layers: int, kind: LayerMapSpec = "proportional", explicit: list[int] | None = None) -> list[int]:
-    """Teacher layer index for each student layer.
-
-    Args:
-        num_teacher_layers: L_t; num_student_layers: L_s.
-        kind: ``proportional``: student layer j <- teacher layer round((j+1) L_t / L_s) - 1
-            (the last layers always meet; works for any L_t, L_s); ``last``: the last L_s
-            teacher layers, one to one (needs L_t >= L_s); or an explicit list of L_s
-            teacher layer indices.
-        explicit: an explicit list (same as passing it as ``kind``; kept for callers).
-    Returns:
-        list of L_s teacher layer indices in [0, L_t).
-    Raises:
-        ValueError: unknown kind, ``last`` with a teacher shallower than the student, or an
-            explicit map of the wrong length / out of range (the message says which).
-    """
-    if explicit is not None:
-        kind = explicit
-    if isinstance(kind, (list, tuple)):
-        bad = [i for i in kind if not isinstance(i, (int, np.integer)) or isinstance(i, bool) or not 0 <= i < num_teacher_layers]
-        if len(kind) != num_student_layers or bad:
-            raise ValueError(
-                f"explicit layer map {list(kind)} must list {num_student_layers} teacher layers (one per student layer), "
-                f"each in [0, {num_teacher_layers})" + (f"; bad entries {bad}" if bad else f"; it has {len(kind)}")
-            )
-        return [int(i) for i in kind]
-    if kind == "last":
-        if num_teacher_layers < num_student_layers:
-            raise ValueError(
-                f"layer map 'last' needs a teacher with at least as many layers as the student ({num_student_layers}); "
-                f"this teacher has {num_teacher_layers}: use 'proportional' or an explicit map for it"
-            )
-        return list(range(num_teacher_layers - num_student_layers, num_teacher_layers))
-    if kind != "proportional":
-        raise ValueError(f"unknown layer map {kind!r}; choose one of {LAYER_MAPS} or give an explicit list of teacher layers")
-    return [max(0, round((j + 1) * num_teacher_layers / num_student_layers) - 1) for j in range(num_student_layers)]
-
-
-def parse_layer_map(text: str) -> LayerMapSpec:
-    """Parse one ``--layer-map`` value: ``proportional``, ``last``, ``0,2,4,5`` or ``[0, 2, 4, 5]``.
-
-    Raises:
-        ValueError: neither a known name nor a list of integers.
-    """
-    text = text.strip()
-    if text in LAYER_MAPS:
-        return text
-    try:
-        value = json.loads(text if text.startswith("[") else f"[{text}]")
-    except json.JSONDecodeError:
-        value = None
-    if not isinstance(value, list) or not value or not all(isinstance(i, int) and not isinstance(i, bool) for i in value):
-        raise ValueError(f"--layer-map {text!r}: use {' or '.join(LAYER_MAPS)}, or teacher layers per student layer like 0,2,4,5")
-    return value
-
-
-def layer_maps_per_teacher(spec: LayerMapSpec | list[LayerMapSpec], num_teachers: int) -> list[LayerMapSpec]:
-    """Expand a layer-map option to one spec per teacher.
-
-    Args:
-        spec: one spec for every teacher (a name, or a list of ints), or a list of K specs
-            (names or lists of ints), one per teacher, in ``--cache`` order.
-        num_teachers: K.
-    Returns:
-        K specs.
-    Raises:
-        ValueError: a per-teacher list whose length is not K.
-    """
-    if isinstance(spec, str) or (isinstance(spec, (list, tuple)) and all(isinstance(i, (int, np.integer)) for i in spec) and spec):
-        return [spec] * num_teachers
-    if not isinstance(spec, (list, tuple)) or len(spec) != num_teachers:
-        raise ValueError(f"layer_map: give one map for all teachers or one per teacher ({num_teachers}); got {spec!r}")
-    return [parse_layer_map(s) if isinstance(s, str) else list(s) for s in spec]
+Shape = ModelShape
+"""Alias of :class:`kvkd.models.ModelShape` (L, H_kv, D, d of a model)."""
 
 
 def _orthonormal_complement(rows: torch.Tensor, extra: int, n: int, generator: torch.Generator) -> torch.Tensor:
