@@ -280,6 +280,7 @@ class Run:
         start: steps already done (the newest checkpoint's step; 0 for a new run).
         finished: the folder already holds ``cfg.steps`` or more steps; :func:`fit` only reports it
             (no model was loaded: ``trainee``, ``engine`` and ``dataset`` are None).
+        validator: scores ``--valid-data`` rows during :func:`fit` (does nothing without them).
     """
 
     cfg: TrainConfig
@@ -290,6 +291,7 @@ class Run:
     engine: object | None = None
     dataset: DistillDataset | None = None
     stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    validator: Validator | None = None
 
     def close(self) -> None:
         """Release the run folder's lock (:func:`fit` does it when it ends)."""
@@ -386,6 +388,9 @@ def prepare(cfg: TrainConfig) -> Run:
         if lead and rundir.path.is_dir():  # an existing folder: refuse a second trainer before any work
             stack.enter_context(rundir.lock())
         readers, metas = open_teachers(cfg)  # read-only: a damaged cache is refused before a new run folder exists
+        examples = load_training_examples(cfg, metas[0])
+        refuse_overlap(examples, cfg.eval_data)  # eval questions among the training rows: refuse before training
+        validator = Validator(cfg, examples, rundir.path)  # --valid-data: held-out rows (overlaps refused), scored in fit
         if lead:
             if not rundir.path.is_dir():
                 stack.enter_context(rundir.lock())  # creates the folder
@@ -399,8 +404,6 @@ def prepare(cfg: TrainConfig) -> Run:
         if done >= cfg.steps:
             return Run(cfg, rundir, done, True, stack=stack)
         torch.manual_seed(cfg.seed)
-        examples = load_training_examples(cfg, metas[0])
-        refuse_overlap(examples, cfg.eval_data)  # eval questions among the training rows: refuse before training
         trainee = build_trainee(cfg, metas)  # same seed on every rank: identical initial weights
         if trainee.router.needs_dataset_nll:  # e.g. difficulty bins: cached NLL of every training row
             trainee.router.prepare(torch.stack([torch.from_numpy(r.column("answer_nll") * r.column("answer_len")) for r in readers], 1))
@@ -415,7 +418,7 @@ def prepare(cfg: TrainConfig) -> Run:
         start = engine.load(ckpt) if ckpt is not None else 0
         tok = trainee.student.tokenizer
         dataset = DistillDataset(examples, tok, cfg.caches, teacher_extras=teacher_extras(cfg, examples, metas, tok, trainee.student.num_latents))
-        return Run(cfg, rundir, start, False, trainee, engine, dataset, stack)
+        return Run(cfg, rundir, start, False, trainee, engine, dataset, stack, validator)
     except BaseException:
         stack.close()
         raise
@@ -495,7 +498,7 @@ def _fit(run: Run, on_step) -> TrainSummary:
     run.stack.callback(norms.close)
     sinks = Sinks(parse_report_to(cfg.report_to) if lead else [], rundir.path, rundir.read_config() if lead else None)
     run.stack.callback(sinks.close)
-    validator = Validator(cfg, run.dataset.examples, rundir.path)  # --valid-data: held-out rows, scored during training
+    validator = run.validator
     with rundir.log_writer() if lead else contextlib.nullcontext(lambda entry: None) as write:
         batches = iter(loader)
         for step, shares in zip(range(start, cfg.steps), micro):
