@@ -25,7 +25,10 @@ In kvkd:
   with no step). Under ``--fusion target`` the token targets of different teachers cannot be
   averaged, so the term is fused by its router-weighted per-teacher losses.
 
-Off (no tokenisation, no decoder pass) while ``--a4`` is 0.
+Off (no tokenisation, no decoder pass) while ``--a4`` is 0. Routers that look at gradients with
+respect to the student's outputs (KV entries, boundary hidden states) see no SIM-CoT gradient
+(it reaches the latents through the decoder, not through those outputs); parameter-space
+gradients include it.
 """
 
 from __future__ import annotations
