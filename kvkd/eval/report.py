@@ -48,8 +48,8 @@ def loss_terms(log: list[dict]) -> list[str]:
 
 
 def plot_run(run_dir: str | Path, out_png: str | Path) -> Path:
-    """Plot a run's losses (total, CE, every distillation term per teacher that is not all
-    zero) and router weights per teacher.
+    """Plot a run's losses (total, CE, validation NLL if logged, every distillation term per
+    teacher that is not all zero) and router weights per teacher.
 
     Raises:
         FileNotFoundError: the run has no log; ValueError: the log is empty.
@@ -67,6 +67,9 @@ def plot_run(run_dir: str | Path, out_png: str | Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     axes[0].plot(steps, [e["loss"] for e in log], label="total")
     axes[0].plot(steps, [e["ce"] for e in log], label="CE")
+    valid = [(e["step"], e["valid_nll"]) for e in log if e.get("valid_nll") is not None]
+    if valid:  # --valid-data: validation gold-answer NLL
+        axes[0].plot(*zip(*valid), "o-", label="validation NLL")
     axes[0].set_title("loss")
     styles = ("-", "--", ":", "-.")
     for k in range(K):

@@ -145,6 +145,20 @@ class TrainConfig(DataSelection, OptimArgs, LossArgs, LoraArgs, LoaderArgs, Runt
             (0 = only at the end); keep_checkpoints: newest checkpoints kept.
         deepspeed: DeepSpeed JSON config path (ZeRO 1/2/3, offload, bf16); empty = one process
             without DeepSpeed. See ``kvkd.train.engines``.
+        fresh: delete the folder's checkpoints, log, summary and config and start over (without
+            it a folder with checkpoints resumes, and only ``RESUMABLE_OPTIONS`` of
+            ``kvkd.train.rundir`` may differ from its ``config.json``).
+        report_to: sinks besides ``log.jsonl`` (``kvkd.train.sinks``): ``none``, ``tensorboard``,
+            ``wandb``, ``trackio``, comma-separated.
+        max_nonfinite_steps: steps with a NaN/inf loss or gradient skipped (no update, counted
+            in the log) before training stops with an error; 0 = stop at the first.
+        eval_data: an evaluation set (file, or folder: its ``test`` split or only split); training
+            is refused before it starts if any eval question (normalised text) or id is among
+            the training rows (``kvkd.eval.overlap``). Empty = no check.
+        valid_data, valid_every, valid_limit: held-out rows scored (gold-answer NLL) every
+            ``valid_every`` steps and at the last step, logged as ``valid_nll``; the best
+            checkpoint by it is kept in ``RUN/best`` (see ``kvkd.eval.validation``). Rows among
+            the training rows or the eval set are refused.
     """
 
     caches: list[str] = opt(factory=list, cli="cache", help="A teacher cache (path or URL); repeat for several teachers")
@@ -165,6 +179,13 @@ class TrainConfig(DataSelection, OptimArgs, LossArgs, LoraArgs, LoaderArgs, Runt
     save_every: int = opt(50, help="Steps between checkpoints (0 = at the end only)")
     keep_checkpoints: int = opt(2, help="Newest checkpoints kept")
     deepspeed: str = opt("", help="DeepSpeed JSON config (ZeRO 1/2/3, offload, bf16; e.g. kvkd/configs/ds_zero2.json); launch with deepspeed or torchrun")
+    fresh: bool = opt(False, cli="fresh/no-fresh", help="Start the run over: delete the run folder's checkpoints, log, summary and config first (otherwise a run folder resumes)")
+    report_to: str = opt("none", help="Also report every step to: none, tensorboard (RUN/tensorboard), wandb, trackio; comma-separated for several (log.jsonl is always written)")
+    max_nonfinite_steps: int = opt(3, help="Steps with a NaN/inf loss or gradient that are skipped (no update) before training stops with an error (0 = stop at the first)")
+    eval_data: str = opt("", help="Evaluation set (file, or folder: its test split) checked before training: refused if any of its questions is among the training rows")
+    valid_data: str = opt("", help="Held-out validation rows (file, or folder: its valid split): gold-answer NLL logged as valid_nll, best checkpoint kept in RUN/best")
+    valid_every: int = opt(0, help="Steps between validations on --valid-data (0 = at the last step only)")
+    valid_limit: int | None = opt(200, help="Validation rows used at most (none = all)")
 
     def __post_init__(self):
         if self.router_weights is not None:  # one place for fixed weights: the router's options
