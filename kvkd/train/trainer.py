@@ -77,7 +77,6 @@ def _step_log_class():
     return cls
 
 
-
 StepLog = _step_log_class()
 
 
