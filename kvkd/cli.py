@@ -588,7 +588,7 @@ def report(
     run: str = typer.Argument(..., help="A `kvkd train` run folder."),
     out: Optional[str] = typer.Option(None, help="PNG path [default: RUN/training.png]."),
 ):
-    """Plot one run: losses (total, CE, per-teacher CODI/KV/CKA) and router weights per teacher over steps."""
+    """Plot one run: losses (total, CE, every distillation term per teacher) and router weights per teacher over steps."""
     from kvkd.eval.report import plot_run
 
     try:

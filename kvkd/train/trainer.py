@@ -78,7 +78,6 @@ def _step_log_class():
     return cls
 
 
-
 StepLog = _step_log_class()
 
 

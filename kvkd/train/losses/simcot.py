@@ -25,7 +25,10 @@ In kvkd:
   with no step). Under ``--fusion target`` the token targets of different teachers cannot be
   averaged, so the term is fused by its router-weighted per-teacher losses.
 
-Off (no tokenisation, no decoder pass) while ``--a4`` is 0.
+Off (no tokenisation, no decoder pass) while ``--a4`` is 0. Routers that look at gradients with
+respect to the student's outputs (KV entries, boundary hidden states) see no SIM-CoT gradient
+(it reaches the latents through the decoder, not through those outputs); parameter-space
+gradients include it.
 """
 
 from __future__ import annotations
@@ -120,10 +123,10 @@ def simcot_loss(student, latents: torch.Tensor, step_ids: torch.Tensor, step_mas
     dtype = student.base.dtype
     embeds = torch.cat([latents[rows][:, None].to(dtype), student.embed(tok).to(dtype)], 1)  # (N, 1+T, d)
     attn = torch.cat([m.new_ones(m.shape[0], 1), m], 1).long()
-    h = student.decoder(inputs_embeds=embeds, attention_mask=attn, use_cache=False).last_hidden_state[:, :T]
-    logits = student.base.lm_head(h).float()  # (N, T, V)
-    nll = F.cross_entropy(logits.transpose(1, 2), tok, reduction="none") * m  # (N, T)
-    total = torch.zeros(B, device=latents.device, dtype=torch.float32).index_add(0, sample, nll.sum(1))
+    h = student.decoder(inputs_embeds=embeds, attention_mask=attn, use_cache=False).last_hidden_state[:, :T]  # (N, T, d)
+    logits = student.base.lm_head(h[m]).float()  # (n, V): only the real step tokens (the LM head dominates small models)
+    nll = F.cross_entropy(logits, tok[m], reduction="none")  # (n,)
+    total = torch.zeros(B, device=latents.device, dtype=torch.float32).index_add(0, sample[:, None].expand_as(m)[m], nll)
     return total / mask.sum(dim=(1, 2)).clamp(min=1).float()
 
 

@@ -50,7 +50,8 @@ class RouterInputs:
         student_features: (B, d) student's last-layer hidden state at the answer boundary, detached.
         teacher_features: (B, K, d) each teacher's last-layer boundary hidden state in the
             student's space, detached.
-        losses: (B, K) per-teacher distillation loss of each sample (a1*L_CODI + a2*L_KV),
+        losses: (B, K) per-teacher distillation loss of each sample (the weighted sum of the
+            per-sample terms, e.g. a1*L_CODI + a2*L_KV + a4*L_SIM-CoT),
             with its graph (routers must not backpropagate through it unless they mean to).
         teacher_nll: (B, K) each teacher's cached NLL of the whole gold answer, in nats (the
             cached per-token mean times the answer's token count: teachers with different
