@@ -674,3 +674,28 @@ class Compressor:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Compressor:
         return cls(**d)
+
+    @classmethod
+    def parse(cls, text: str) -> Compressor:
+        """``zstd:3`` / ``blosc:5:bit`` / ``none`` -> Compressor (blosc's shuffle defaults to bit).
+
+        Raises:
+            ValueError: on an unknown name, a level that is not an integer or out of range, an
+                unknown shuffle, or extra fields; the message quotes the text and the forms.
+        """
+        forms = "use zstd:LEVEL, blosc:LEVEL:byte|bit|none, or none"
+        parts = str(text).split(":")
+        name = parts[0]
+        if name == "none" and len(parts) == 1:
+            return cls("none")
+        if name not in ("zstd", "blosc") or len(parts) > (3 if name == "blosc" else 2):
+            raise ValueError(f"unknown compressor {text!r}; {forms}")
+        try:
+            level = int(parts[1]) if len(parts) > 1 else 3
+        except ValueError:
+            raise ValueError(f"compressor {text!r}: level {parts[1]!r} is not an integer; {forms}") from None
+        shuffle = parts[2] if len(parts) > 2 else ("bit" if name == "blosc" else "none")
+        try:
+            return cls(name, level, shuffle)
+        except ValueError as e:
+            raise ValueError(f"compressor {text!r}: {e}") from None
