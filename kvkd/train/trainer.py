@@ -62,6 +62,7 @@ class StepLog:
     lr: float
     step_s: float
     examples_per_s: float
+    row_weights: dict | None = None  # --log-row-weights: {rows: [B], weights: [B][K]} (rank 0's rows)
 
 
 @dataclass
@@ -279,7 +280,7 @@ def distill_step(trainee: Trainee, batch: dict, cfg: TrainConfig, step: int):
         grads = _per_sample_grads(distill, outputs)
     elif router.needs_grads == "parameter":
         grads = _parameter_grads(distill, [p for p in trainee.student.parameters() if p.requires_grad])
-    inputs = RouterInputs(out.features, torch.stack(feats, 1), distill, torch.stack(nlls, 1).float(), step, out.sample_ce.detach(), grads)
+    inputs = RouterInputs(out.features, torch.stack(feats, 1), distill, torch.stack(nlls, 1).float(), step, out.sample_ce.detach(), grads, rows=batch["index"])
     weights = router(inputs)  # (B, K)
 
     fused = None
@@ -312,6 +313,8 @@ def distill_step(trainee: Trainee, batch: dict, cfg: TrainConfig, step: int):
         "fused": fused,
         "router": dict(router.stats),
     }
+    if cfg.log_row_weights:  # per-sample weights, e.g. to score routing against a planted truth
+        logs["row_weights"] = {"rows": batch["index"].tolist(), "weights": weights.detach().float().tolist()}
     return loss, logs
 
 
@@ -422,6 +425,8 @@ def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) ->
     tok = trainee.student.tokenizer
     if trainee.router.needs_dataset_nll:  # e.g. difficulty bins: cached NLL of every training row
         trainee.router.prepare(torch.stack([torch.from_numpy(r.column("answer_nll") * r.column("answer_len")) for r in readers], 1))
+    if trainee.router.needs_training_rows:  # e.g. oracle weights per row, the student's likelihood of each trace
+        trainee.router.prepare_rows(examples, trainee.student, metas)
     engine = build_engine(trainee, cfg)
     check_batches_split(len(examples), cfg.batch_size, engine.world_size)
     lead = engine.rank == 0

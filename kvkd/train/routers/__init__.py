@@ -8,7 +8,10 @@ from kvkd.train.routers import (  # noqa: F401  (registration)
     govern,
     grad_cosine,
     learnable,
+    min_ce,
     mtkd_rl,
+    oracle,
+    persyn,
     similarity,
 )
 from kvkd.train.routers.base import ROUTERS, Router, RouterInputs, build_router
