@@ -72,7 +72,7 @@ def test_planted_traces_read_back_from_the_caches(shared_data, tmp_path, tiny_te
     """Extract every planted teacher of complementary-k3-bad and read back, from each cache's
     recorded data, the trace it read on every row: the truth file's trace_from, and good iff own."""
     from kvkd.cache.reader import CacheReader
-    from kvkd.train.routers.persyn import teacher_traces
+    from kvkd.train.routers.learnability import teacher_traces
 
     examples = load_examples(str(_rows(shared_data, tmp_path, 8)), fmt="jsonl").examples
     sc = RT.plant("complementary-k3-bad", [RT.reasoning_steps(ex) for ex in examples])

@@ -12,6 +12,7 @@ from kvkd.train.routers import (  # noqa: F401  (registration)
     mtkd_rl,
     oracle,
     persyn,
+    rsr,
     similarity,
 )
 from kvkd.train.routers.base import ROUTERS, Router, RouterInputs, build_router

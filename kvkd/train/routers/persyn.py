@@ -33,85 +33,7 @@ from __future__ import annotations
 import torch
 
 from kvkd.train.routers.base import ROUTERS, Router, RouterInputs
-
-
-def teacher_traces(examples: list, meta: dict) -> list[str]:
-    """The trace each training row's teacher read, rebuilt from what its cache records.
-
-    Args:
-        examples: the N training rows (cache order).
-        meta: the teacher cache's metadata (``dataset``: source, format, split, offset,
-            rows, trace, drop_last_step, trace_fallback, trace_fallback_ids).
-    Returns:
-        N trace texts.
-    Raises:
-        ValueError: the recorded data cannot be read, or holds other rows than the training
-            rows (names the cache's source and the fix).
-    """
-    from kvkd.data import build_trace, load_examples
-
-    d = meta.get("dataset", {})
-    source = d.get("source")
-    try:
-        loaded = load_examples(str(source), split=d.get("split"), fmt=d.get("format") or "auto", limit=d.get("rows"), offset=d.get("offset") or 0).examples
-    except Exception as err:  # noqa: BLE001 - any unreadable source gets the same one-line reason
-        raise ValueError(f"router 'persyn': cannot read the traces of the cache built from {source!r}: {err}") from None
-    by_id = {ex.id: ex for ex in loaded}
-    fallback = set(d.get("trace_fallback_ids") or [])
-    traces = []
-    for ex in examples:
-        src = by_id.get(ex.id)
-        if src is None or src.question != ex.question:
-            raise ValueError(f"router 'persyn': the data {source!r} a teacher cache records has no row {ex.id!r} as trained on; "
-                             "the cache must have been extracted from a file with the same rows")
-        kind = d.get("trace_fallback") if ex.id in fallback else d.get("trace", "nl")
-        traces.append(build_trace(src, kind or "nl", drop_last_step=bool(d.get("drop_last_step")), allow_empty=True))
-    return traces
-
-
-@torch.no_grad()
-def trace_loglik(student, questions: list[str], traces: list[str], batch_size: int = 8) -> torch.Tensor:
-    """Mean log-probability per token of each trace given its question, under the student's
-    plain language model (no latent tokens; LoRA adapters as they are).
-
-    Args:
-        student: a ``LatentStudent`` (its ``base`` model, ``tokenizer`` and ``template``).
-        questions, traces: N texts each; the student reads ``question_text(q) + trace``.
-        batch_size: sequences per forward pass.
-    Returns:
-        (N,) float32 nats/token (<= 0); an empty trace scores 0.
-    """
-    from kvkd.prompts import token_span
-
-    tok, template, model = student.tokenizer, student.template, student.base
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    out = torch.zeros(len(traces))
-    todo = [i for i, t in enumerate(traces) if t.strip()]
-    try:
-        for start in range(0, len(todo), batch_size):
-            chunk = todo[start : start + batch_size]
-            ids, spans = [], []
-            for i in chunk:
-                head = template.question_text(questions[i])
-                enc = tok(head + traces[i], add_special_tokens=True, return_offsets_mapping=True)
-                ids.append(enc["input_ids"])
-                spans.append(token_span(enc["offset_mapping"], (len(head), len(head) + len(traces[i]))))
-            T = max(len(x) for x in ids)
-            input_ids = torch.full((len(ids), T), tok.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(ids), T), dtype=torch.long)
-            for b, x in enumerate(ids):
-                input_ids[b, : len(x)] = torch.tensor(x)
-                mask[b, : len(x)] = 1
-            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits.float()  # (B, T, V)
-            logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, input_ids[:, 1:, None].to(device))[..., 0].cpu()  # (B, T-1)
-            for b, (i, (lo, hi)) in enumerate(zip(chunk, spans)):
-                lo = max(lo, 1)  # token t is predicted at position t-1
-                out[i] = logp[b, lo - 1 : hi - 1].mean() if hi > lo else 0.0
-    finally:
-        model.train(was_training)
-    return out
+from kvkd.train.routers.learnability import teacher_traces, trace_stats
 
 
 @ROUTERS.register("persyn")
@@ -154,7 +76,7 @@ class PerSynRouter(Router):
             traces = teacher_traces(examples, meta)
             key = tuple(traces)
             if key not in seen:  # teachers that read the same traces share one pass
-                seen[key] = trace_loglik(student, questions, traces)
+                seen[key] = trace_stats(student, questions, traces)["loglik"]
             columns.append(seen[key])
         self.set_learnability(torch.stack(columns, 1))
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from kvkd.train.routers import RouterInputs, build_router
-from kvkd.train.routers.persyn import teacher_traces, trace_loglik
+from kvkd.train.routers.learnability import teacher_traces, trace_stats
 
 # learnability L (nats/token) and cached NLL over N = 2 rows, K = 2 teachers
 L = torch.tensor([[-3.0, -1.0], [-2.0, -2.0]])  # values' mean -2, std sqrt(2/3)
@@ -65,7 +65,8 @@ def test_trace_loglik_equals_a_direct_computation(tiny_student):
 
     student = build_student(str(tiny_student), 2, TrainConfig(lora_r=4))
     qs, traces = ["What is 2+3?", "Tom has 4 apples and eats one. How many are left?"], ["2+3=5", "4-1=3 so three are left"]
-    got = trace_loglik(student, qs + [qs[0]], traces + [""], batch_size=2)  # padding, and an empty trace
+    stats = trace_stats(student, qs + [qs[0]], traces + [""], batch_size=2, max_rank=50)  # padding, and an empty trace
+    got = stats["loglik"]
     tok = student.tokenizer
     for i in range(2):
         head = tok(qs[i] + "\n", add_special_tokens=True)["input_ids"]
@@ -75,7 +76,10 @@ def test_trace_loglik_equals_a_direct_computation(tiny_student):
             logp = torch.log_softmax(student.base(input_ids=torch.tensor([full])).logits[0].float(), -1)
         want = torch.stack([logp[t - 1, full[t]] for t in range(len(head), len(full))]).mean()
         assert float(got[i]) == pytest.approx(float(want), abs=1e-4)
-    assert float(got[2]) == 0.0
+        ranks = torch.tensor([min(50, int((logp[t - 1] > logp[t - 1, full[t]]).sum()) + 1) for t in range(len(head), len(full))]).float()
+        assert float(stats["rank"][i]) == pytest.approx(float(ranks.mean()), abs=1e-4)
+        assert float(stats["rsr"][i]) == pytest.approx(float(ranks.mean() / -want), rel=1e-4)
+    assert float(got[2]) == 0.0 and float(stats["rsr"][2]) == 0.0
 
 
 def test_teacher_traces_read_back_from_the_recorded_data(tmp_path):

@@ -82,6 +82,8 @@ def test_router_contract(name, tmp_path):
         router.prepare(torch.rand(20, K, generator=torch.Generator().manual_seed(1)))
     if hasattr(router, "set_learnability"):  # persyn: what prepare_rows computes with a student
         router.set_learnability(-torch.rand(20, K, generator=torch.Generator().manual_seed(2)))
+    if hasattr(router, "set_rsr"):
+        router.set_rsr(torch.rand(20, K, generator=torch.Generator().manual_seed(3)))
     for step in (0, 30):  # before and after any warm-up
         inp = _inputs(B=5, K=K)
         inp.step = step
