@@ -283,34 +283,26 @@ def write_tables(out: Path, results: list[dict], routers: list[str], scenarios: 
 
 def plot(out: Path, results: list[dict], routers: list[str], scenario: str) -> Path:
     """``<scenario>.png``: routing accuracy over steps per router (mean over seeds); final NLL per router (+- std)."""
-    import matplotlib
+    def draw(axes):
+        ax1, ax2 = axes
+        names, nll_m, nll_s = [], [], []
+        for router in routers:
+            got = [r for r in results if r["router"] == router and r["scenario"] == scenario]
+            if not got:
+                continue
+            curve = torch.tensor([r["accuracy_per_step"] for r in got]).mean(0)
+            ref = router in ("oracle", "fixed")
+            ax1.plot(range(1, len(curve) + 1), curve.tolist(), label=router, lw=2.5 if ref else 1.2, ls="--" if ref else "-")
+            m, s = mean_std([r["heldout_nll"] for r in got])
+            names.append(router), nll_m.append(m), nll_s.append(s)
+        ax1.set(xlabel="step", ylabel="routing accuracy", title=f"{scenario}: weight on good teachers", ylim=(-0.02, 1.02))
+        ax1.legend(fontsize=7, ncol=2)
+        ax2.bar(names, nll_m, yerr=nll_s, capsize=3)
+        lo = min(m - s for m, s in zip(nll_m, nll_s)) if names else 0
+        ax2.set(ylabel="held-out answer NLL (nats/token)", title=f"{scenario}: student NLL (mean ± std over seeds)", ylim=(max(0, lo - 0.1), None))
+        ax2.tick_params(axis="x", labelsize=7, rotation=35)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
-    names, nll_m, nll_s = [], [], []
-    for router in routers:
-        got = [r for r in results if r["router"] == router and r["scenario"] == scenario]
-        if not got:
-            continue
-        curve = torch.tensor([r["accuracy_per_step"] for r in got]).mean(0)
-        ax1.plot(range(1, len(curve) + 1), curve.tolist(), label=router, lw=2.5 if router in ("oracle", "fixed") else 1.2,
-                 ls="--" if router in ("oracle", "fixed") else "-")
-        m, s = mean_std([r["heldout_nll"] for r in got])
-        names.append(router), nll_m.append(m), nll_s.append(s)
-    ax1.set(xlabel="step", ylabel="routing accuracy", title=f"{scenario}: weight on good teachers", ylim=(-0.02, 1.02))
-    ax1.legend(fontsize=7, ncol=2)
-    ax2.bar(names, nll_m, yerr=nll_s, capsize=3)
-    lo = min(m - s for m, s in zip(nll_m, nll_s)) if names else 0
-    ax2.set(ylabel="held-out answer NLL (nats/token)", title=f"{scenario}: student NLL (mean ± std over seeds)", ylim=(max(0, lo - 0.1), None))
-    ax2.tick_params(axis="x", labelsize=7, rotation=35)
-    for ax in (ax1, ax2):
-        ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path = out / f"{scenario}.png"
-    fig.savefig(path)
-    plt.close(fig)
+    path = C.figure(scenario, draw, ncols=2, folder=out)
     return path
 
 
