@@ -304,15 +304,15 @@ def _flatten_file(cls, data: dict, where: str, section: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in data.items():
         k = str(key).replace("-", "_")
-        if k in by_name:
-            if by_name[k] in out:
-                raise ConfigError(f"{where}: option {key!r} is given twice (as {by_name[k]} too)")
-            out[by_name[k]] = value
-        elif k in groups and isinstance(value, dict):
+        if k in groups and isinstance(value, dict):  # a group section (``lora: {lora_r: 8}``), even where a switch shares the name
             for name, v in _flatten_file(cls, value, f"{where}, section {key!r}", section).items():
                 if name in out:
                     raise ConfigError(f"{where}: option {name!r} is given twice")
                 out[name] = v
+        elif k in by_name:
+            if by_name[k] in out:
+                raise ConfigError(f"{where}: option {key!r} is given twice (as {by_name[k]} too)")
+            out[by_name[k]] = value
         elif k in COMMAND_SECTIONS and isinstance(value, dict):
             continue  # another command's section
         else:

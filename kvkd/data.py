@@ -32,12 +32,13 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
+from kvkd.registry import Registry
+
 __all__ = [
-    "FORMATS", "TRACE_KINDS", "DataError", "Example", "LoadResult", "RowProblem", "build_trace",
+    "DATA_FORMATS", "DataFormat", "FORMATS", "TRACE_KINDS", "register_format", "DataError", "Example", "LoadResult", "RowProblem", "build_trace",
     "dataset_fingerprint", "find_numbers", "load_examples", "parse_number",
 ]
 
-FORMATS = ("jsonl", "gsm8k", "icot", "svamp", "multiarith", "math", "gsmhard", "hf")
 TRACE_KINDS = ("nl", "equations")
 
 _FILE_SUFFIXES = (".jsonl", ".json", ".txt")
@@ -261,11 +262,46 @@ def _gsmhard_example(raw: Any, example_id: str) -> Example:
     return Example(example_id, _text_field(row, "input"), "", _number_field(row.get("target"), "target"))
 
 
-_PARSERS: dict[str, Callable[[Any, str], Example]] = {
-    "jsonl": _jsonl_example, "gsm8k": _gsm8k_example, "icot": _icot_example,
-    "svamp": _svamp_example, "multiarith": _multiarith_example, "math": _math_example,
-    "gsmhard": _gsmhard_example, "hf": _gsm8k_example,
-}
+@dataclass(frozen=True)
+class DataFormat:
+    """One data format: how its file is read, how a row is parsed, how it is recognised.
+
+    Attributes:
+        name: the ``--format`` value.
+        parse: ``(raw row, fallback id) -> Example``; raises ``_RowError`` for a bad row.
+        container: ``"lines"`` (one row per line: JSONL, TXT) or ``"json-list"`` (one JSON list).
+        detect: ``first row -> bool`` for ``--format auto`` (a dict for JSON rows, the raw line
+            for TXT); None = never detected (must be named).
+        suffix: the file suffix detection applies to (``.jsonl``, ``.txt``, ``.json``).
+        priority: detection order among formats of one suffix (lower first: a format whose
+            keys are a superset of another's goes first).
+    """
+
+    name: str
+    parse: Callable[[Any, str], Example]
+    container: str = "lines"
+    detect: Callable[[Any], bool] | None = None
+    suffix: str = ".jsonl"
+    priority: int = 0
+
+
+DATA_FORMATS: Registry[DataFormat] = Registry("data format")
+
+
+def register_format(fmt: DataFormat) -> DataFormat:
+    """Add a data format: one call with its parser, container and detector."""
+    return DATA_FORMATS.register(fmt.name)(fmt)
+
+
+register_format(DataFormat("jsonl", _jsonl_example, detect=lambda row: {"id", "cot"} <= row.keys()))
+register_format(DataFormat("gsm8k", _gsm8k_example, detect=lambda row: {"question", "answer"} <= row.keys(), priority=3))
+register_format(DataFormat("icot", _icot_example, detect=lambda line: "||" in line, suffix=".txt"))
+register_format(DataFormat("svamp", _svamp_example, "json-list", lambda row: {"Body", "Question"} <= row.keys(), ".json"))
+register_format(DataFormat("multiarith", _multiarith_example, "json-list", lambda row: "sQuestion" in row, ".json", priority=1))
+register_format(DataFormat("math", _math_example, detect=lambda row: {"problem", "solution", "answer"} <= row.keys(), priority=1))
+register_format(DataFormat("gsmhard", _gsmhard_example, detect=lambda row: {"input", "target"} <= row.keys(), priority=2))
+register_format(DataFormat("hf", _gsm8k_example))  # Hugging Face hub rows, GSM8K-style columns
+FORMATS = tuple(name for name, _ in DATA_FORMATS.items())
 
 
 # --------------------------------------------------------------------------- sources
@@ -297,39 +333,31 @@ def _json_list(path: Path) -> list:
 
 
 def _detect(path: Path) -> str:
-    """Pick the format of a file from its suffix and first row."""
-    hint = f"give the format (--format on the command line, fmt= in Python): one of {', '.join(FORMATS[:-1])}"
+    """Pick the format of a file from its suffix and first row (the registered detectors, in order)."""
+    hint = f"give the format (--format): one of {', '.join(f for f in FORMATS if f != 'hf')}"
     if path.suffix == ".json":
         data = _json_list(path)
         first = data[0] if data and isinstance(data[0], dict) else {}
-        if {"Body", "Question"} <= first.keys():
-            return "svamp"
-        if "sQuestion" in first:
-            return "multiarith"
-        raise DataError(f"{path}: cannot detect the format of a JSON list with keys {sorted(first)}; {hint}")
-    first = next(_line_rows(path), (0, None))[1]
-    if first is None:
-        raise DataError(f"{path}: the file has no rows, so its format cannot be detected")
-    if path.suffix == ".txt":
-        if "||" in first:
-            return "icot"
-        raise DataError(f"{path}: cannot detect the format: first line has no '||' (iCoT style); {hint}")
-    try:
-        row = json.loads(first) if isinstance(first, str) else None
-    except json.JSONDecodeError:
-        row = None
-    if not isinstance(row, dict):
-        raise DataError(f"{path}: cannot detect the format: first row is not a JSON object; {hint}")
-    keys = row.keys()
-    if {"id", "cot"} <= keys:
-        return "jsonl"
-    if {"problem", "solution", "answer"} <= keys:
-        return "math"
-    if {"input", "target"} <= keys:
-        return "gsmhard"
-    if {"question", "answer"} <= keys:
-        return "gsm8k"
-    raise DataError(f"{path}: cannot detect the format of a JSONL file with keys {sorted(keys)}; {hint}")
+        what = f"a JSON list with keys {sorted(first)}"
+    else:
+        line = next(_line_rows(path), (0, None))[1]
+        if line is None:
+            raise DataError(f"{path}: the file has no rows, so its format cannot be detected")
+        if path.suffix == ".txt":
+            first, what = line, "a text file: its first line has no '||' (iCoT style)"
+        else:
+            try:
+                first = json.loads(line) if isinstance(line, str) else None
+            except json.JSONDecodeError:
+                first = None
+            if not isinstance(first, dict):
+                raise DataError(f"{path}: cannot detect the format: first row is not a JSON object; {hint}")
+            what = f"a JSONL file with keys {sorted(first)}"
+    suffix = path.suffix if path.suffix in (".json", ".txt") else ".jsonl"
+    for name, fmt in sorted(DATA_FORMATS.items(), key=lambda kv: kv[1].priority):
+        if fmt.detect is not None and fmt.suffix == suffix and fmt.detect(first):
+            return name
+    raise DataError(f"{path}: cannot detect the format of {what}; {hint}")
 
 
 def _resolve_path(source: str, split: str | None) -> Path:
@@ -396,7 +424,7 @@ def load_examples(
         DataError: if the source is missing or unreadable, its format cannot be detected, or
             (with on_bad_row="raise") a row is bad; the message names the file and row.
     """
-    if fmt != "auto" and fmt not in FORMATS:
+    if fmt != "auto" and fmt not in DATA_FORMATS:
         raise ValueError(f"unknown data format {fmt!r}; choose 'auto' or one of {', '.join(FORMATS)}")
     if on_bad_row not in ("raise", "report"):
         raise ValueError(f"on_bad_row must be 'raise' or 'report', got {on_bad_row!r}")
@@ -415,9 +443,9 @@ def load_examples(
             raise DataError(f"data file not found: {path}")
         fmt = _detect(path) if fmt == "auto" else fmt
         where, stem = str(path.resolve()), path.stem
-        rows = enumerate(_json_list(path), start=1) if fmt in ("svamp", "multiarith") else _line_rows(path)
+        rows = enumerate(_json_list(path), start=1) if DATA_FORMATS.get(fmt).container == "json-list" else _line_rows(path)
 
-    parse = _PARSERS[fmt]
+    parse = DATA_FORMATS.get(fmt).parse
     examples: list[Example] = []
     problems: list[RowProblem] = []
     seen: set[str] = set()

@@ -41,11 +41,20 @@ class Registry(Generic[T]):
         try:
             return self._items[name]
         except KeyError:
+            import difflib
+
             known = ", ".join(sorted(self._items)) or "(none)"
-            raise KeyError(f"unknown {self.kind} {name!r}; choose one of: {known}") from None
+            close = difflib.get_close_matches(str(name), list(self._items), n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise KeyError(f"unknown {self.kind} {name!r}{hint}; choose one of: {known}") from None
 
     def names(self) -> list[str]:
+        """Registered names, sorted."""
         return sorted(self._items)
+
+    def items(self) -> list[tuple[str, T]]:
+        """(name, entry) pairs in registration order (where order matters, e.g. format detection)."""
+        return list(self._items.items())
 
     def __contains__(self, name: str) -> bool:
         return name in self._items

@@ -90,6 +90,10 @@ def test_nested_sections_cli_names_and_unknown_nested_keys(tmp_path):
     f.write_text("train:\n  optimiser:\n    lr: 1e-3\n    steps: 4\n  lora: false\n  workers: 0\n  losses: {a1: 2}\n  threads: 1\n")
     cfg = resolve(TrainConfig, "train", str(f), {})
     assert (cfg.lr, cfg.steps, cfg.use_lora, cfg.num_workers, cfg.a1, cfg.num_threads) == (1e-3, 4, False, 0, 2.0, 1)
+    g = tmp_path / "group.yaml"  # `lora` is both the switch and the group's section
+    g.write_text("train:\n  lora: {lora_r: 8, use_lora: true}\n  optimiser: {steps: 200, lr: 2.0e-4}\n")
+    cfg = resolve(TrainConfig, "train", str(g), {})
+    assert (cfg.lora_r, cfg.use_lora, cfg.steps, cfg.lr) == (8, True, 200, 2e-4)
     bad = tmp_path / "bad.yaml"
     bad.write_text("train:\n  optimiser:\n    lrr: 1e-3\n")
     with pytest.raises(ConfigError, match=r"section 'optimiser'.*unknown option 'lrr'.*did you mean 'lr'"):

@@ -468,3 +468,29 @@ def test_fingerprint_pinned_stable_order_sensitive_trace_insensitive():
 
 def test_formats_listed():
     assert FORMATS == ("jsonl", "gsm8k", "icot", "svamp", "multiarith", "math", "gsmhard", "hf")
+
+
+def test_a_new_format_is_one_registration(tmp_path):
+    from kvkd.data import DATA_FORMATS, DataFormat, _RowError, register_format
+
+    def parse(raw, example_id):
+        q, _, a = raw.partition("=>")
+        if not a.strip():
+            raise _RowError("no '=>' answer")
+        return Example(example_id, q.strip(), "", a.strip())
+
+    register_format(DataFormat("arrow", parse, detect=lambda line: "=>" in line, suffix=".txt", priority=-1))
+    try:
+        f = tmp_path / "rows.txt"
+        f.write_text("1 + 1 => 2\n2 + 3 => 5\n")
+        res = load_examples(str(f))
+        assert res.fmt == "arrow" and [(e.question, e.answer) for e in res.examples] == [("1 + 1", "2"), ("2 + 3", "5")]
+    finally:
+        DATA_FORMATS._items.pop("arrow")
+
+
+def test_registry_suggests_the_closest_name():
+    from kvkd.train.routers import ROUTERS
+
+    with pytest.raises(KeyError, match=r"unknown router 'simlarity' \(did you mean 'similarity'\?\)"):
+        ROUTERS.get("simlarity")

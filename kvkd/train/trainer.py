@@ -42,7 +42,7 @@ from kvkd.train.options import FUSIONS, KV_WEIGHTINGS, TrainConfig
 from kvkd.train.losses import cka_loss, codi_loss, kv_loss
 from kvkd.train.routers import RouterInputs, build_router
 from kvkd.train.student import LatentStudent, add_latent_tokens
-from kvkd.train.teachers import describe_teachers, fit_samples, needs_fit
+from kvkd.train.teacher_records import describe_teachers, fit_samples, needs_fit
 
 
 @dataclass
