@@ -203,6 +203,19 @@ def accuracy_per_step(log_path: Path, good: torch.Tensor) -> list[float]:
     return out
 
 
+def nll_signal(caches: list[str], good: torch.Tensor) -> dict:
+    """How well the caches' gold-answer NLL alone tells good from bad teachers, on the rows
+    where the scenario has both: the share of rows where a good teacher has the strictly
+    lowest NLL, and the mean margin (lowest bad minus lowest good NLL, nats of the whole answer)."""
+    from kvkd.cache.reader import CacheReader
+
+    nll = torch.stack([torch.from_numpy(r.column("answer_nll") * r.column("answer_len")) for r in map(CacheReader.open, caches)], 1).double()
+    mixed = good.any(1) & ~good.all(1)
+    inf = torch.tensor(float("inf"), dtype=nll.dtype)
+    g, b = torch.where(good, nll, inf).min(1).values[mixed], torch.where(~good, nll, inf).min(1).values[mixed]
+    return {"rows": int(mixed.sum()), "good_lowest": float((g < b).double().mean()), "margin_nats": float((b - g).mean())}
+
+
 @torch.no_grad()
 def heldout_nll(student, examples: list, batch_size: int = 8) -> float:
     """Mean teacher-forced gold-answer NLL (nats/token) of the student on held-out rows."""
@@ -374,9 +387,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.eval_rows} held-out rows, M = {args.slots}, {args.steps} steps of batch {args.batch_size}, LoRA r {args.lora_r}, "
               f"lr {args.lr}, torch threads {args.threads}, seeds {seeds}. Wall {time.time() - t0:.0f} s; load average (1/5/15 min) "
               f"{load0[0]:.1f}/{load0[1]:.1f}/{load0[2]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.")
+    signal = {s: nll_signal(planted[s][1], torch.tensor(planted[s][0].good)) for s in scenarios}
+    header += "\n\nCached-NLL signal (rows with both good and bad teachers: share where a good teacher has the lowest cached answer NLL; mean margin): " + "; ".join(
+        f"{s} {v['good_lowest']:.2f} over {v['rows']} rows, {v['margin_nats']:+.2f} nats" for s, v in signal.items()) + "."
     md = write_tables(out, results, routers, {s: len(planted[s][1]) for s in scenarios}, header)
     (out / "results.json").write_text(json.dumps({"command": command.strip(), "args": vars(args), "machine": C.machine(), "wall_s": time.time() - t0,
-                                                  "load_avg_start": load0, "results": results}, indent=1))
+                                                  "load_avg_start": load0, "nll_signal": signal, "results": results}, indent=1))
     print(md.read_text())
     return 0
 

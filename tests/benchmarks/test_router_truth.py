@@ -90,6 +90,13 @@ def test_planted_traces_read_back_from_the_caches(shared_data, tmp_path, tiny_te
             assert read[n] == build_trace(src, "nl", drop_last_step=True)
             assert bool(truth.good[n, k]) == (src.id == ex.id) == (read[n] == build_trace(ex, "nl", drop_last_step=True))
     assert RT.extract_planted(files, tmp_path / "work", "no-such-model", slots=2) == urls  # reused, no model loaded
+    # the NLL signal, by hand: rows where teacher k is the only good one, or the two others are
+    from kvkd.cache.reader import CacheReader as R
+
+    nll = torch.stack([torch.from_numpy(R.open(u).column("answer_nll") * R.open(u).column("answer_len")).double() for u in urls], 1)
+    wins = [float(nll[n][truth.good[n]].min()) < float(nll[n][~truth.good[n]].min()) for n in range(len(examples))]
+    sig = RT.nll_signal(urls, truth.good)
+    assert sig["rows"] == len(examples) and sig["good_lowest"] == pytest.approx(sum(wins) / len(wins))
 
 
 @pytest.mark.slow  # ~4 min on 2 shared cores: 18 tiny training runs
