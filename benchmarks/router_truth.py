@@ -279,7 +279,8 @@ def write_tables(out: Path, results: list[dict], routers: list[str], scenarios: 
             line = []
             for s in scenarios:
                 got = [c[metric] for c in cells.get((router, s), [])]
-                line.append(fmt.format(*mean_std(got)) if got else ("n/a (K=2)" if router in NEEDS_K3 and scenarios[s] < 3 else "–"))
+                cell = fmt.format(*mean_std(got)) if len(got) > 1 else (f"{got[0]:.3f} (1 seed)" if got else None)
+                line.append(cell or ("n/a (K=2)" if router in NEEDS_K3 and scenarios[s] < 3 else "–"))
             md.append(f"| {router} | " + " | ".join(line) + " |")
         md.append("")
     for (router, s), got in sorted(cells.items()):
@@ -340,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
     ap.add_argument("--out", default=str(C.RESULTS / "router_truth"), help="tables and plots")
     ap.add_argument("--work", default=str(C.WORK / "router_truth"), help="planted data, caches and runs (reused)")
+    ap.add_argument("--report-only", action="store_true", help="train nothing: tables and plots from the finished runs (missing cells show as –)")
     args = ap.parse_args(argv)
 
     known = ROUTERS.names()
@@ -379,14 +381,22 @@ def main(argv: list[str] | None = None) -> int:
             if router in NEEDS_K3 and len(caches) < 3:
                 continue
             for seed in seeds:
+                run_dir = work / "runs" / tag / s / router / f"seed{seed}"
+                if args.report_only:
+                    if (run_dir / "result.json").is_file():
+                        results.append(json.loads((run_dir / "result.json").read_text()))
+                    continue
                 print(f"  [{time.strftime('%H:%M:%S')}] {s} {router} seed {seed}", file=sys.stderr, flush=True)
-                results.append(run_one(router, scenario, caches, truth, seed, args, work / "runs" / tag / s / router / f"seed{seed}", eval_rows))
-        plot(out, results, routers, s)
+                results.append(run_one(router, scenario, caches, truth, seed, args, run_dir, eval_rows))
+        if any(r["scenario"] == s for r in results):
+            plot(out, results, routers, s)
+    loads = [r["load_avg_before"][0] for r in results] or [float("nan")]
     command = "python benchmarks/router_truth.py " + " ".join(argv if argv is not None else sys.argv[1:])
     header = (f"Command: `{command.strip()}`  \nSettings: teacher {args.teacher}, student {args.student}, {args.rows} training rows, "
               f"{args.eval_rows} held-out rows, M = {args.slots}, {args.steps} steps of batch {args.batch_size}, LoRA r {args.lora_r}, "
-              f"lr {args.lr}, torch threads {args.threads}, seeds {seeds}. Wall {time.time() - t0:.0f} s; load average (1/5/15 min) "
-              f"{load0[0]:.1f}/{load0[1]:.1f}/{load0[2]:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.")
+              f"lr {args.lr}, torch threads {args.threads}, seeds {seeds}. {len(results)} runs, training wall {sum(r['train_wall_s'] for r in results):.0f} s "
+              f"in all (this call {time.time() - t0:.0f} s); 1-min load average at the start of the runs {min(loads):.1f}-{max(loads):.1f} on "
+              f"{os.cpu_count()} cores (a shared machine).")
     signal = {s: nll_signal(planted[s][1], torch.tensor(planted[s][0].good)) for s in scenarios}
     header += "\n\nCached-NLL signal (rows with both good and bad teachers: share where a good teacher has the lowest cached answer NLL; mean margin): " + "; ".join(
         f"{s} {v['good_lowest']:.2f} over {v['rows']} rows, {v['margin_nats']:+.2f} nats" for s, v in signal.items()) + "."
