@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict
@@ -18,6 +19,7 @@ from typing import Any, Callable, List, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -26,11 +28,26 @@ from kvkd.demo import DemoConfig
 from kvkd.eval.evaluate import EvalConfig
 from kvkd.pipeline.extract import ExtractConfig
 from kvkd.sweep import SweepConfig
+from kvkd.train.export import ExportConfig
 from kvkd.train.options import TrainConfig
 
 app = typer.Typer(help="kvkd: multi-teacher KV-cache distillation of LLM reasoning (KaVa/CODI).", no_args_is_help=True, add_completion=False, rich_markup_mode=None)
 cache_app = typer.Typer(help="Inspect and verify teacher caches.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(cache_app, name="cache")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from kvkd.eval.evaluate import versions
+
+        v = versions()
+        console.print(f"kvkd {v['kvkd']} (torch {v['torch']}, transformers {v['transformers']})", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the versions of kvkd, torch and transformers, then exit.")):
+    """kvkd: multi-teacher KV-cache distillation of LLM reasoning (KaVa/CODI)."""
 # In a log file (SLURM, nohup) rich would wrap tables at 80 columns: give it room instead.
 console = Console() if sys.stdout.isatty() else Console(width=int(os.environ.get("COLUMNS", "200")))
 
@@ -41,6 +58,10 @@ ERRORS = (ValueError, KeyError, TypeError, ConfigError, FileNotFoundError, FileE
 def _rank() -> int:
     """This process's global rank under torchrun/deepspeed (RANK), 0 otherwise."""
     return int(os.environ.get("RANK", "0"))
+
+
+def _sigterm_to_interrupt(signum, frame):
+    raise KeyboardInterrupt
 
 
 def _fail(err: Exception) -> None:
@@ -239,9 +260,12 @@ def extract(flags: dict, config: Optional[str], dry_run: bool, student: Optional
     """
     from kvkd.pipeline.extract import extract as run_extract
 
+    from kvkd.pipeline.extract import ExtractInterrupted
+
     if dry_run:
         _extract_plan(flags, config, student, layer_map)
         return
+    previous = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)  # SIGTERM stops like Ctrl-C (claims released)
     try:
         cfg = _resolve(ExtractConfig, "extract", config, flags)
         with _progress("examples") as prog:
@@ -251,10 +275,22 @@ def extract(flags: dict, config: Optional[str], dry_run: bool, student: Optional
                 prog.update(task, total=p.total, completed=p.done, rate=f"{p.tokens / max(p.elapsed_s, 1e-9):,.0f} tokens/s")
 
             summary = run_extract(cfg, on_progress=on_progress)
+    except ExtractInterrupted as err:
+        where = f"at shard {err.shard}" if err.shard is not None else "before the first shard"
+        console.print(f"interrupted {where} of {err.out}; rerun the same command to resume", markup=False, highlight=False)
+        raise typer.Exit(code=130) from None
+    except KeyboardInterrupt:
+        console.print("interrupted before the cache was opened; nothing was written", markup=False, highlight=False)
+        raise typer.Exit(code=130) from None
     except ERRORS as err:
         _fail(err)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     for p in summary.problems:
-        console.print(f"[yellow]skipped row {p['row']}: {p['reason']}[/]")
+        console.print(f"[yellow]skipped row {p['row']}: {escape(str(p['reason']))}[/]")
+    if summary.too_long:
+        console.print(f"[yellow]warning: {len(summary.too_long)} row(s) longer than the teacher's context were left out "
+                      f"(--too-long skip; listed in the cache metadata as dataset.too_long_ids), e.g. {escape(str(summary.too_long[0]))}[/]")
     _print_summary("extraction", asdict(summary))
 
 
@@ -342,6 +378,8 @@ def train(flags: dict, config: Optional[str], local_rank: Optional[int]):
             summary = run_train(cfg, on_step=on_step)
     except ERRORS as err:
         _fail(err)
+    if summary.steps_run == 0:
+        console.print(f"{summary.run_dir} is already trained to step {summary.steps}: nothing to do (give a larger --steps to train on, or --fresh to start over)")
     _print_teachers(summary.run_dir)
     _print_summary("training", asdict(summary))
 
@@ -349,9 +387,15 @@ def train(flags: dict, config: Optional[str], local_rank: Optional[int]):
 # ----------------------------------------------------------------------------- eval
 @config_command(app, EvalConfig, "eval")
 def eval_cmd(flags: dict, config: Optional[str]):
-    """Evaluate a trained run (latent decoding) or a plain model; accuracy with 95% CI and gold-answer NLL."""
+    """Evaluate a trained run (latent decoding) or a plain model; accuracy with 95% CI and gold-answer NLL.
+
+    Writes metrics.json and predictions.jsonl into a new folder per evaluation (RUN/evals/DATASET-SPLIT...).
+    """
     from kvkd.eval.evaluate import evaluate
     from kvkd.eval.report import results_table
+
+    def warn(message: str) -> None:
+        console.print(f"[bold yellow]warning:[/] {message}", markup=True, highlight=False)
 
     try:
         cfg = _resolve(EvalConfig, "eval", config, flags)
@@ -359,29 +403,32 @@ def eval_cmd(flags: dict, config: Optional[str]):
             raise ConfigError("no evaluation data: pass --data")
         with _progress("examples") as prog:
             task = prog.add_task("eval", total=None, rate="")
-            result = evaluate(cfg, on_progress=lambda d, n: prog.update(task, completed=d, total=n))
+            result = evaluate(cfg, on_progress=lambda d, n: prog.update(task, completed=d, total=n), on_warning=warn)
     except ERRORS as err:
         _fail(err)
     console.print(results_table([result]))
-    console.print(f"predictions: {result.predictions}")
+    kinds = ", ".join(f"{k} {v}" for k, v in result.gold_kinds.items())
+    console.print(f"answer check: {result.answer_check} (gold answers: {kinds}); no answer found in {result.no_answer} outputs"
+                  + (f"; {result.unparsed} compared as strings (math-verify could not read them)" if result.answer_check == "math" else ""))
+    console.print(f"metrics: {result.metrics}\npredictions: {result.predictions}")
 
 
 # ----------------------------------------------------------------------------- export
-@app.command()
-def export(
-    run: str = typer.Option(..., help="A `kvkd train` run folder (plain or DeepSpeed); its newest checkpoint is exported."),
-    out: str = typer.Option(..., help="Folder to write: a Hugging Face model (LoRA merged) + tokenizer + latent head."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Write into an existing non-empty folder."),
-):
+@config_command(app, ExportConfig, "export")
+def export(flags: dict, config: Optional[str]):
     """Export a trained student as a normal Hugging Face folder (transformers loads it) plus its latent head
-    (CODI projection, <bot>/<eot> vectors, M) that `kvkd eval --run FOLDER` uses; aligners and router are left out."""
+    (CODI projection, <bot>/<eot> vectors, M) that `kvkd eval --run FOLDER` uses, and a README.md model card;
+    aligners and router are left out. A checkpoint with NaN/inf weights is refused."""
     from kvkd.train.export import export_run
 
     try:
-        path = export_run(run, out, overwrite=overwrite)
+        cfg = _resolve(ExportConfig, "export", config, flags)
+        if not cfg.run or not cfg.out:
+            raise ConfigError("pass --run RUN_DIR and --out FOLDER")
+        path = export_run(cfg.run, cfg.out, overwrite=cfg.overwrite, trust_remote_code=cfg.trust_remote_code)
     except ERRORS as err:
         _fail(err)
-    console.print(f"exported {run} -> {path}")
+    console.print(f"exported {cfg.run} -> {path}")
 
 
 # ----------------------------------------------------------------------------- cache
@@ -399,10 +446,16 @@ def cache_info(path: str = typer.Argument(..., help="Cache path or URL."), as_js
         return
     meta = info.get("metadata", {})
     tok = meta.get("tokenizer", {})
+    prov = meta.get("provenance") or {}
+    teacher = meta.get("teacher") or {}
     _print_summary(f"cache {path}", {
         "tokenizer vocab_size": f"{tok.get('vocab_size')} (len(tokenizer): every id it emits, added tokens included; not the embedding size)",
         "tokenizer hash": f"{tok.get('hash')} (vocabulary, merges, special tokens, pre-tokenisation)",
-        **meta,
+        "teacher weights hash": teacher.get("file_sha256") or teacher.get("weights_sha256") or "not recorded",
+        "checksums": info.get("checksums"),
+        "library versions": ", ".join(f"{k} {v}" for k, v in (prov.get("versions") or {}).items()) or "not recorded (cache from an older kvkd)",
+        "device": (prov.get("device") or {}).get("name", "not recorded"),
+        **{k: v for k, v in meta.items() if k != "provenance"},
     })
     table = Table("array", "shape", "dtype", "chunks", "shards", "codecs", "stored bytes")
     for name, a in info.get("arrays", {}).items():
@@ -413,18 +466,23 @@ def cache_info(path: str = typer.Argument(..., help="Cache path or URL."), as_js
 
 @cache_app.command("verify")
 def cache_verify(path: str = typer.Argument(..., help="Cache path or URL.")):
-    """Check a cache's flags, values and status; exit 1 if a problem is found."""
+    """Check every byte (chunk and shard checksums) and every example of a cache; list each bad chunk; exit 1 if a problem is found."""
     from kvkd.cache.reader import CacheReader
 
     try:
-        problems = CacheReader.open(path, allow_incomplete=True).verify()
+        reader = CacheReader.open(path, allow_incomplete=True)
+        with _progress("shards") as prog:
+            task = prog.add_task("verify", total=reader.layout.num_shards, rate="")
+            report = reader.verify_report(on_progress=lambda done, total: prog.update(task, completed=done, total=total))
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         _fail(err)
-    if problems:
-        for p in problems:
-            console.print(f"[red]- {p}[/]")
+    for note in report.notes:
+        console.print(f"[yellow]note: {escape(note)}[/]", highlight=False)
+    if report.problems:
+        for p in report.problems:
+            console.print(f"[red]- {escape(p)}[/]", highlight=False)
         raise typer.Exit(code=1)
-    console.print("[green]cache OK[/]")
+    console.print("[green]cache OK[/]" + (" (no checksums to check)" if report.notes else ""))
 
 
 # ----------------------------------------------------------------------------- demo

@@ -284,7 +284,7 @@ def read_config_file(path: str | Path) -> dict:
     return data
 
 
-COMMAND_SECTIONS = ("extract", "generate", "train", "sft", "eval", "sweep", "demo")
+COMMAND_SECTIONS = ("extract", "generate", "train", "sft", "eval", "export", "sweep", "demo")
 
 
 def _did_you_mean(word: str, known) -> str:

@@ -36,6 +36,7 @@ from kvkd.registry import Registry
 
 __all__ = [
     "DATA_FORMATS", "DataFormat", "FORMATS", "TRACE_KINDS", "register_format", "DataError", "Example", "LoadResult", "RowProblem", "build_trace",
+    "trace_steps",
     "dataset_fingerprint", "find_numbers", "load_examples", "parse_number",
 ]
 
@@ -136,7 +137,8 @@ def parse_number(text: str, *, strict: bool = False) -> str | None:
     (``"16-3"`` -> ``"16"``). Scientific notation is accepted and expanded (``"1e3"`` ->
     ``"1000"``, ``"2.5e-3"`` -> ``"0.0025"``) unless it would need more than 50 digits
     (``"1e99"`` -> ``"1E+99"``); at most 3 exponent digits are read.
-    Fractions are not evaluated (``"3/4"`` -> ``"3"``).
+    Fractions are not evaluated (``"3/4"`` -> ``"3"``): answers that may be fractions,
+    ratios or times are read whole by :func:`kvkd.eval.answers.parse_answer`.
 
     Args:
         text: any string.
@@ -365,8 +367,11 @@ def _resolve_path(source: str, split: str | None) -> Path:
     if not path.is_dir():
         return path
     if split is None:
-        found = sorted(p.name for p in path.iterdir() if p.suffix in _FILE_SUFFIXES)
-        raise DataError(f"{path} is a directory: pass split= to pick one of {found}")
+        found = sorted(p for p in path.iterdir() if p.suffix in _FILE_SUFFIXES and p.is_file())
+        if len(found) == 1:  # a folder with one split needs no split
+            return found[0]
+        raise DataError(f"{path} is a directory with splits {[p.stem for p in found]}: pick one with --split "
+                        "(split= in Python)")
     for suffix in _FILE_SUFFIXES:
         if (path / f"{split}{suffix}").is_file():
             return path / f"{split}{suffix}"
@@ -376,7 +381,7 @@ def _resolve_path(source: str, split: str | None) -> Path:
 
 def _hf_rows(name: str, split: str | None) -> Iterator[tuple[int, dict]]:
     if split is None:
-        raise DataError(f"Hugging Face data set {name!r} needs split= (e.g. 'train' or 'test')")
+        raise DataError(f"Hugging Face data set {name!r} needs a split: --split train or test (split= in Python)")
     repo, _, config = name.partition(":")
     config = config or _HF_DEFAULT_CONFIGS.get(repo)
     try:
@@ -411,7 +416,8 @@ def load_examples(
         source: a file; a directory holding ``{split}.jsonl`` / ``.json`` / ``.txt``; or, with
             fmt "hf" (or "auto" when no such path exists), a data set name ``owner/name`` with
             an optional ``:config`` (``openai/gsm8k`` defaults to config "main").
-        split: the split to read from a directory or the hub; ignored for a file.
+        split: the split to read from a directory or the hub; ignored for a file. None reads
+            a directory's only data file (and is an error when it has several).
         fmt: "auto" or one of :data:`FORMATS`. "auto" uses the suffix and the first row.
         limit: at most this many rows (None: all), counted before parsing.
         offset: rows to skip first (0-based), counted before parsing.
@@ -429,7 +435,7 @@ def load_examples(
     if on_bad_row not in ("raise", "report"):
         raise ValueError(f"on_bad_row must be 'raise' or 'report', got {on_bad_row!r}")
     if offset < 0 or (limit is not None and limit < 0):
-        raise ValueError(f"offset and limit must be >= 0, got offset={offset}, limit={limit}")
+        raise ValueError(f"--offset and --limit must be >= 0, got {offset} and {limit}")
 
     looks_like_hub = (fmt == "auto" and _HF_NAME_RE.match(source) is not None
                       and not Path(source).expanduser().exists() and Path(source).suffix not in _FILE_SUFFIXES)
@@ -471,6 +477,28 @@ def load_examples(
 # --------------------------------------------------------------------------- traces
 
 
+def trace_steps(example: Example, kind: str = "nl", drop_last_step: bool = False) -> list[str]:
+    """The reasoning steps of a trace, in order (what :func:`build_trace` joins).
+
+    ``"nl"``: the CoT's non-empty lines, stripped; ``"equations"``: ``"<<48/2=24>>"`` per
+    calculator equation. ``drop_last_step`` removes the final step when there are at least two.
+
+    Returns:
+        the steps ([] when the example has no such trace).
+    Raises:
+        ValueError: for an unknown kind.
+    """
+    if kind == "nl":
+        steps = [s.strip() for s in example.cot.split("\n") if s.strip()]
+    elif kind == "equations":
+        steps = [f"<<{e.strip()}>>" for e in example.equations if e.strip()]
+    else:
+        raise ValueError(f"unknown trace kind {kind!r}; choose one of {TRACE_KINDS}")
+    if drop_last_step and len(steps) >= 2:
+        steps = steps[:-1]
+    return steps
+
+
 def build_trace(example: Example, kind: str = "nl", drop_last_step: bool = False,
                 allow_empty: bool = False) -> str:
     """Render the reasoning trace a teacher reads.
@@ -494,18 +522,11 @@ def build_trace(example: Example, kind: str = "nl", drop_last_step: bool = False
         ValueError: for an unknown kind.
         DataError: if the trace is empty and allow_empty is False.
     """
-    if kind == "nl":
-        steps = [s.strip() for s in example.cot.split("\n") if s.strip()]
-    elif kind == "equations":
-        steps = [f"<<{e.strip()}>>" for e in example.equations if e.strip()]
-    else:
-        raise ValueError(f"unknown trace kind {kind!r}; choose one of {TRACE_KINDS}")
+    steps = trace_steps(example, kind, drop_last_step)
     if not steps and not allow_empty:
         other = "equations" if kind == "nl" else "nl"
         raise DataError(f"example {example.id!r} has no {kind!r} trace; try kind={other!r}, "
                         "or allow_empty=True to train it without a trace")
-    if drop_last_step and len(steps) >= 2:
-        steps = steps[:-1]
     return ("\n" if kind == "nl" else " ").join(steps)
 
 

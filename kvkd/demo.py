@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-from kvkd.eval.evaluate import EvalConfig, EvalResult, evaluate
+from kvkd.eval.evaluate import EvalConfig, EvalResult, evaluate, new_folder
 from kvkd.eval.report import plot_run, results_table
 from kvkd.models import load_model
 from kvkd.config import RuntimeArgs, opt, override
@@ -113,9 +113,9 @@ def run_demo(cfg: DemoConfig, on_stage: Callable[[str], None] | None = None, pro
     evals = []
     common = dict(data=test_data, limit=cfg.test_rows, num_threads=cfg.num_threads, device=cfg.device, trust_remote_code=cfg.trust_remote_code, seed=cfg.seed)
     for name, ecfg in (
-        ("no-CoT (plain model)", EvalConfig(model=cfg.model, mode="nocot", out=str(out / "eval" / "nocot.jsonl"), **common)),
-        ("latent, untrained", EvalConfig(model=cfg.model, mode="latent", untrained=True, latents=cfg.slots, out=str(out / "eval" / "untrained.jsonl"), **common)),
-        (f"latent, KaVa x2 teachers ({cfg.router})", EvalConfig(run=str(run_dir), mode="latent", out=str(out / "eval" / "trained.jsonl"), **common)),
+        ("no-CoT (plain model)", EvalConfig(model=cfg.model, mode="nocot", out=str(new_folder(out / "eval", "nocot")), **common)),
+        ("latent, untrained", EvalConfig(model=cfg.model, mode="latent", untrained=True, latents=cfg.slots, out=str(new_folder(out / "eval", "untrained")), **common)),
+        (f"latent, KaVa x2 teachers ({cfg.router})", EvalConfig(run=str(run_dir), mode="latent", out=str(new_folder(out / "eval", "trained")), **common)),
     ):
         say(f"evaluating {name}")
         t = time.perf_counter()

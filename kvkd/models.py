@@ -92,6 +92,21 @@ TOKENIZER_HASH_SCHEME = 2
 """Version of what :func:`tokenizer_identity` hashes (bumped when the hashed content changes)."""
 
 
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def weights_sha256(folder: Path) -> str:
+    """SHA-256 over a model folder's weight files (names and ``file_sha256`` of each, sorted), so
+    "same teacher" is checkable like a GGUF's ``file_sha256``; ``""`` if the folder has none."""
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+    if not files:
+        return ""
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f"{f.relative_to(folder).as_posix()}\0{file_sha256(f)}\n".encode())
+    return h.hexdigest()
+
+
 def _tokenizer_content(tokenizer) -> dict:
     """What decides a tokenizer's ids for a text, as canonical JSON-able data."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -179,6 +194,12 @@ def _load_gguf(gguf: Path, dtype: torch.dtype) -> tuple[Any, Any, str]:
     return model.to(dtype), tokenizer, str(gguf)
 
 
+def looks_local(spec: str) -> bool:
+    """True if ``spec`` can only be a local path, never a hub id (``owner/name``): it is absolute,
+    starts with ``.`` or ``~``, or has more than one ``/``. Such a spec is never looked up on the hub."""
+    return spec.startswith(("/", ".", "~")) or spec.count("/") > 1 or "\\" in spec
+
+
 def load_model(
     spec: str,
     dtype: str = "float32",
@@ -215,9 +236,11 @@ def load_model(
             raise ModelLoadError(f"{path} is a folder without config.json; is it a Hugging Face model folder?")
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-        info.update(source="folder", location={"path": str(path.resolve())})
+        info.update(source="folder", weights_sha256=weights_sha256(path), location={"path": str(path.resolve())})
     elif path.exists():
         raise ModelLoadError(f"{path} is neither a model folder nor a .gguf file")
+    elif looks_local(spec):
+        raise ModelLoadError(f"{spec}: no such model folder or file (a local path, so the hub is not asked); check the path (relative paths are from {Path.cwd()})")
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(
@@ -240,7 +263,8 @@ def load_model(
 def model_shape(config) -> dict:
     """Sizes of a causal LM from its config: ``model_type``, ``num_layers``, ``num_heads``,
     ``num_kv_heads`` (GQA; = heads when absent), ``head_dim`` (explicit, else hidden/heads),
-    ``hidden_size``."""
+    ``hidden_size``, ``max_positions`` (``max_position_embeddings``: the longest input the model
+    was built for, tokens; None if the config has none)."""
     heads = config.num_attention_heads
     return {
         "model_type": getattr(config, "model_type", ""),
@@ -249,6 +273,7 @@ def model_shape(config) -> dict:
         "num_kv_heads": getattr(config, "num_key_value_heads", None) or heads,
         "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
         "hidden_size": config.hidden_size,
+        "max_positions": getattr(config, "max_position_embeddings", None),
     }
 
 
@@ -288,6 +313,8 @@ def load_config(spec: str, revision: str | None = None, trust_remote_code: bool 
             info.update(source="folder")
         elif path.exists():
             raise ModelLoadError(f"{path} is neither a model folder nor a .gguf file")
+        elif looks_local(spec):
+            raise ModelLoadError(f"{spec}: no such model folder or file (a local path, so the hub is not asked); check the path (relative paths are from {Path.cwd()})")
         else:
             config = AutoConfig.from_pretrained(spec, revision=revision, trust_remote_code=trust_remote_code)
             tokenizer = AutoTokenizer.from_pretrained(spec, revision=revision, trust_remote_code=trust_remote_code)

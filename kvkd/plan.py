@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from kvkd.cache.codecs import get_codec
+from kvkd.cache.codecs import get_codecs
 from kvkd.cache.compat import tokenizer_differences
 from kvkd.cache.schema import CacheLayout
 from kvkd.data import load_examples
@@ -80,7 +80,7 @@ def plan_extraction(cfg: ExtractConfig, student: str | None = None, layer_map_sp
     texts = [template.teacher_text(ex.question, tr, ex.answer)[0] for ex, tr in zip(data.examples, traces)]
     lengths = [len(ids) for ids in teacher.tokenizer(texts)["input_ids"]]
     info = teacher.info
-    codec = get_codec(cfg.codec)
+    codec = get_codecs(cfg.codec)
     layout = CacheLayout(len(data.examples), info["num_layers"], info["num_kv_heads"], info["head_dim"], info["hidden_size"], cfg.slots, cfg.examples_per_shard).resolved(codec)
     per_example = layout.bytes_per_example(codec)
     t_identity = tokenizer_identity(teacher.tokenizer)

@@ -4,27 +4,32 @@ one comparison table and plots.
 Every row trains on the same caches, data, steps and seeds; only the row's overrides of the
 training options differ. A row with ``teachers: first`` uses the first cache only (the
 single-teacher baseline). Each (row, seed) cell runs in a fresh subprocess, so its wall time
-and peak memory (``ru_maxrss``; CUDA peak allocation on a GPU) are its own; a cell whose
-``cell.json`` exists is skipped, and a cell killed half-way resumes from its run's newest
-checkpoint, so a half-finished grid resumes where it stopped.
+and peak memory (``ru_maxrss``; CUDA peak allocation on a GPU) are its own. A cell's folder is
+keyed by its full training options (``seed-S-KEY``), so a rerun with other options (``--steps``,
+``--lr``, ...) makes new cells instead of reusing old ones; a cell whose ``cell.json`` holds the
+current evaluation key is skipped, a cell killed while training resumes from its run's newest
+checkpoint, and a trained cell killed while evaluating resumes at the evaluation. Each cell's
+process holds its folder's lock and dies with the sweep.
 
 The built-in grid ``plan`` is the project plan's ablation ladder, each step adding one thing:
 (1) no distillation (CE only, the same latent student), (2) single-teacher KV distillation
 (KaVa), (3) multi-teacher with fixed uniform weights, (4) similarity router, (5) learnable
 router, (6) + attention-weighted KV loss, (7) + CKA, (8) GOVERN and (9) the difficulty router
-on top of (7); then CA-MKD, AE-KD, grad-cosine and MTKD-RL, also on top of (7).
+on top of (7); then CA-MKD, AE-KD, grad-cosine and MTKD-RL, also on top of (7); and (7) +
+SIM-CoT's step-level supervision of the latents by each teacher's reasoning steps (``a4``).
 
 Output folder::
 
     OUT/sweep.json                  resolved options and grid
-    OUT/cells/ROW/seed-S/           the run folder (config, log.jsonl, checkpoints) + cell.json + eval-*.jsonl
-    OUT/results.md, results.csv     mean +- std over seeds per row and eval set
+    OUT/cells/ROW/seed-S-KEY/       the run folder (config, log.jsonl, checkpoints) + train.json + cell.json + evals/DATASET-SPLIT.../
+    OUT/results.md, results.csv     mean +- std over seeds per row and eval set (CSV: numeric columns)
     OUT/loss.png, weights.png       training loss per row; router weights per teacher over steps
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -38,6 +43,7 @@ from typing import Callable
 from kvkd.config import ConfigError, RuntimeArgs, opt, override
 from kvkd.train.options import OptimArgs, parse_key_values
 
+from kvkd.eval.overlap import refuse_cache_overlap
 from kvkd.eval.report import read_log
 
 _ON_TOP_OF_7 = {"kv_weighting": "importance", "a3": 1.0}
@@ -57,6 +63,7 @@ GRIDS: dict[str, list[dict]] = {
         {"name": "ae-kd", "train": {"router": "ae-kd", **_ON_TOP_OF_7}},
         {"name": "grad-cosine", "train": {"router": "grad-cosine", **_ON_TOP_OF_7}},
         {"name": "mtkd-rl", "train": {"router": "mtkd-rl", **_ON_TOP_OF_7}},
+        {"name": "simcot", "train": {"router": "learnable", **_ON_TOP_OF_7, "a4": 1.0}},
     ],
 }
 
@@ -124,6 +131,8 @@ class CellResult:
     final_loss: float
     mean_weights: list[float]
     evals: dict
+    key: str = ""  # hash of the training options (the folder's suffix)
+    eval_key: str = ""  # hash of the evaluation options: another one re-evaluates the trained cell
 
 
 def load_grid(grid: str) -> list[dict]:
@@ -195,27 +204,62 @@ def _cell_configs(cfg: SweepConfig, row: dict, seed: int, cell_dir: Path):
     tcfg = TrainConfig(caches=caches, out=str(cell_dir), seed=seed, **opts)
     ecfgs = {
         name: EvalConfig(run=str(cell_dir), mode="latent", data=path, split=split, limit=cfg.eval_limit, seed=seed,
-                         answer_check="math" if "math" in name.lower() else "numeric", out=str(cell_dir / f"eval-{name}.jsonl"),
+                         answer_check="math" if "math" in name.lower() else "auto",
                          num_threads=cfg.num_threads, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
         for name, path, split in _eval_sets(cfg)
     }
     return tcfg, ecfgs
 
 
-def _run_cell(cfg_json: str, row_json: str, seed: int, cell_dir: str) -> None:
-    """Subprocess body: train one cell, measure it, evaluate it, write cell.json atomically."""
-    import resource
+# options that do not change what a cell computes (where/how fast it runs, its own folder)
+_NOT_KEYED = ("out", "run", "num_threads", "device", "num_workers", "prefetch_factor", "log_every", "trust_remote_code", "fresh")
+
+
+def _key(options: dict) -> str:
+    """10 hex digits of the SHA-256 of the options that define a cell (canonical JSON)."""
+    kept = {k: v for k, v in sorted(options.items()) if k not in _NOT_KEYED}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def cell_dir(cfg: SweepConfig, row: dict, seed: int) -> Path:
+    """``OUT/cells/ROW/seed-S-KEY``: KEY hashes the cell's full training options, so changed options
+    (steps, lr, caches, the row's overrides, ...) mean a new cell."""
+    from kvkd.train.trainer import absolute_paths
+
+    tcfg, _ = _cell_configs(cfg, row, seed, Path(cfg.out))
+    tcfg = absolute_paths(tcfg)  # the same cell whatever the working directory
+    return Path(cfg.out) / "cells" / row["name"] / f"seed-{seed}-{_key(asdict(tcfg))}"
+
+
+def _eval_key(ecfgs: dict) -> str:
+    return _key({name: _key(asdict(e)) for name, e in ecfgs.items()})
+
+
+def _arm_parent_death(parent_pid: int) -> None:
+    """Die with the sweep even if it is killed outright (Linux PR_SET_PDEATHSIG), and exit at once
+    if it already died before the signal was armed (the window right after spawn)."""
     import signal
     import sys
 
-    if sys.platform.startswith("linux"):  # die with the sweep, even if it is killed outright
+    if sys.platform.startswith("linux"):
         import ctypes
 
         ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent_pid:
+        os._exit(3)
+
+
+def _run_cell(cfg_json: str, row_json: str, seed: int, cell_dir: str, parent_pid: int | None = None) -> None:
+    """Subprocess body: train one cell (or find it trained), measure it, evaluate it, write
+    cell.json atomically; the cell folder's lock is held throughout."""
+    _arm_parent_death(parent_pid or os.getppid())  # before any work
+
+    import resource
 
     import torch
 
     from kvkd.eval.evaluate import evaluate
+    from kvkd.train.rundir import folder_lock, write_atomic
     from kvkd.train.trainer import train
 
     cfg = SweepConfig(**json.loads(cfg_json))
@@ -225,22 +269,36 @@ def _run_cell(cfg_json: str, row_json: str, seed: int, cell_dir: str) -> None:
     row = json.loads(row_json)
     cell = Path(cell_dir)
     tcfg, ecfgs = _cell_configs(cfg, row, seed, cell)
-    t = time.perf_counter()
-    summary = train(tcfg)
-    wall = time.perf_counter() - t
-    peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB -> MiB
-    peak_cuda = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
-    evals = {}
-    for name, ecfg in ecfgs.items():
-        res = evaluate(ecfg)
-        res.name = name
-        evals[name] = asdict(res)
-    result = CellResult(row=row["name"], seed=seed, run_dir=str(cell), train_wall_s=wall, mean_step_s=summary.mean_step_s,
-                        peak_rss_mb=peak_rss, peak_cuda_mb=peak_cuda, final_loss=summary.final_loss,
-                        mean_weights=summary.mean_weights, evals=evals)
-    tmp = cell / "cell.json.tmp"
-    tmp.write_text(json.dumps(asdict(result), indent=2))
-    os.replace(tmp, cell / "cell.json")
+    with folder_lock(cell, "sweep cell"):
+        t = time.perf_counter()
+        summary = train(tcfg)
+        measured = cell / "train.json"
+        if summary.steps_run or not measured.is_file():  # trained now: this process's figures are the cell's
+            write_atomic(measured, json.dumps({
+                "train_wall_s": time.perf_counter() - t,
+                "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB -> MiB
+                "peak_cuda_mb": torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None,
+                "resumed_from": summary.resumed_from,
+            }))
+        figures = json.loads(measured.read_text())  # a trained cell resumed at evaluation keeps its training figures
+        evals = {}
+        for name, ecfg in ecfgs.items():
+            res = evaluate(ecfg)
+            res.name = name
+            evals[name] = asdict(res)
+        result = CellResult(row=row["name"], seed=seed, run_dir=str(cell), train_wall_s=figures["train_wall_s"], mean_step_s=summary.mean_step_s,
+                            peak_rss_mb=figures["peak_rss_mb"], peak_cuda_mb=figures["peak_cuda_mb"], final_loss=summary.final_loss,
+                            mean_weights=summary.mean_weights, evals=evals, key=cell.name.rsplit("-", 1)[-1], eval_key=_eval_key(ecfgs))
+        write_atomic(cell / "cell.json", json.dumps(asdict(result), indent=2))
+
+
+def _cell_done(cfg: SweepConfig, row: dict, seed: int, cell: Path) -> bool:
+    """cell.json exists and was evaluated with the current evaluation options."""
+    path = cell / "cell.json"
+    if not path.is_file():
+        return False
+    _, ecfgs = _cell_configs(cfg, row, seed, cell)
+    return json.loads(path.read_text()).get("eval_key") == _eval_key(ecfgs)
 
 
 def run_sweep(cfg: SweepConfig, on_cell: Callable[[str, int, str], None] | None = None) -> dict:
@@ -253,6 +311,7 @@ def run_sweep(cfg: SweepConfig, on_cell: Callable[[str, int, str], None] | None 
         dict with ``table`` (Markdown), ``csv``, ``loss_png``, ``weights_png``, ``cells`` (CellResult dicts).
     Raises:
         ValueError: bad grid or options (no caches, no seeds, unknown row names).
+        kvkd.data.DataError: an eval set shares rows with the caches' training rows.
         RuntimeError: a cell's subprocess failed (names the cell and its folder).
     """
     if not cfg.caches:
@@ -271,20 +330,25 @@ def run_sweep(cfg: SweepConfig, on_cell: Callable[[str, int, str], None] | None 
     for c in cfg.caches:
         if "://" not in c and not Path(c).exists():
             raise ValueError(f"teacher cache {c} does not exist")
+    refuse_cache_overlap(cfg.caches[0], _eval_sets(cfg))  # eval questions among the training rows: refuse up front
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "sweep.json").write_text(json.dumps({"config": asdict(cfg), "rows": rows}, indent=2))
+    cells = {(row["name"], seed): cell_dir(cfg, row, seed) for row in rows for seed in cfg.seeds}
+    from kvkd.train.rundir import write_atomic
+
+    write_atomic(out / "sweep.json", json.dumps({"config": asdict(cfg), "rows": rows,
+                                                 "cells": {f"{r}/seed-{s}": str(p.relative_to(out)) for (r, s), p in cells.items()}}, indent=2))
     ctx = multiprocessing.get_context("spawn")
     say = on_cell or (lambda *_: None)
     for row in rows:
         for seed in cfg.seeds:
-            cell = out / "cells" / row["name"] / f"seed-{seed}"
-            if (cell / "cell.json").is_file():
+            cell = cells[(row["name"], seed)]
+            if _cell_done(cfg, row, seed, cell):
                 say(row["name"], seed, "skipped")
                 continue
             say(row["name"], seed, "start")
             cell.mkdir(parents=True, exist_ok=True)
-            proc = ctx.Process(target=_run_cell, args=(json.dumps(asdict(cfg)), json.dumps(row), seed, str(cell)))
+            proc = ctx.Process(target=_run_cell, args=(json.dumps(asdict(cfg)), json.dumps(row), seed, str(cell), os.getpid()))
             proc.start()
             try:
                 proc.join()
@@ -296,7 +360,7 @@ def run_sweep(cfg: SweepConfig, on_cell: Callable[[str, int, str], None] | None 
                 raise RuntimeError(f"sweep cell {row['name']} seed {seed} failed (exit code {proc.exitcode}); its run folder is {cell}. "
                                    "Rerun the same command to resume after fixing the cause.")
             say(row["name"], seed, "done")
-    return write_report(out, rows, cfg.seeds)
+    return write_report(out, rows, cfg.seeds, cells)
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:
@@ -304,46 +368,73 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
     return m, (math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0)
 
 
-def write_report(out: Path, rows: list[dict], seeds: list[int]) -> dict:
-    """Aggregate the cells of ``out`` into results.md / results.csv / loss.png / weights.png."""
+def _aggregate(got: list[dict], row: dict, eval_names: list[str]) -> dict:
+    """One row of the results: means and standard deviations over the seeds' cells."""
+    from kvkd.eval.answers import wilson_interval
+
+    rec = {"row": row["name"], "router": row.get("train", {}).get("router", "fixed"), "teachers": row.get("teachers", "all"), "seeds": len(got)}
+    for n in eval_names:
+        evals = [c["evals"][n] for c in got if n in c["evals"]]
+        acc, nll = _mean_std([e["accuracy"] for e in evals]), _mean_std([e["mean_answer_nll"] for e in evals])
+        lo, hi = wilson_interval(sum(e["correct"] for e in evals), sum(e["n"] for e in evals))  # pooled over seeds
+        rec.update({f"{n}_acc_mean": acc[0], f"{n}_acc_std": acc[1], f"{n}_n": evals[0]["n"] if len({e["n"] for e in evals}) == 1 else min(e["n"] for e in evals),
+                    f"{n}_acc_ci_low": lo, f"{n}_acc_ci_high": hi, f"{n}_nll_mean": nll[0], f"{n}_nll_std": nll[1]})
+    for key, name in (("train_wall_s", "train_wall_s"), ("mean_step_s", "step_s"), ("peak_rss_mb", "peak_rss_mb")):
+        rec[name] = _mean_std([c[key] for c in got])[0]
+    for k in range(len(got[0]["mean_weights"])):
+        rec[f"weight_t{k}"] = sum(c["mean_weights"][k] for c in got) / len(got)
+    return rec
+
+
+def write_report(out: Path, rows: list[dict], seeds: list[int], folders: dict[tuple[str, int], Path]) -> dict:
+    """Aggregate the cells (``folders``: (row, seed) -> cell folder) into results.md / results.csv /
+    loss.png / weights.png.
+
+    ``results.csv`` holds numbers only, one column each (load it with ``csv`` or pandas):
+    ``row, router, teachers, seeds``; per eval set ``E``: ``E_acc_mean``, ``E_acc_std``
+    (accuracy as a fraction in [0, 1], mean and sample standard deviation over seeds; std 0
+    for one seed), ``E_n`` (questions per seed), ``E_acc_ci_low``, ``E_acc_ci_high`` (95%
+    Wilson interval of the answers of all seeds pooled), ``E_nll_mean``, ``E_nll_std``
+    (gold-answer NLL, nats/token); then ``train_wall_s``, ``step_s``, ``peak_rss_mb`` (means
+    over seeds) and ``weight_t0``, ``weight_t1``, ... (mean router weight per teacher; empty
+    for rows with fewer teachers). ``results.md`` shows the same as "mean ± std" text.
+    """
     cells = {}
-    for row in rows:
-        for seed in seeds:
-            path = out / "cells" / row["name"] / f"seed-{seed}" / "cell.json"
-            if path.is_file():
-                cells[(row["name"], seed)] = json.loads(path.read_text())
+    for key, folder in folders.items():
+        if (folder / "cell.json").is_file():
+            cells[key] = json.loads((folder / "cell.json").read_text())
     eval_names = sorted({n for c in cells.values() for n in c["evals"]})
+    records = []
+    for row in rows:
+        got = [cells[(row["name"], s)] for s in seeds if (row["name"], s) in cells]
+        if got:
+            records.append(_aggregate(got, row, eval_names))
     header = ["row", "router", "teachers", "seeds"]
     for n in eval_names:
         header += [f"{n} acc %", f"{n} NLL"]
     header += ["train wall s", "step s", "peak RSS MB", "mean weights"]
-    table_rows = []
-    for row in rows:
-        got = [cells[(row["name"], s)] for s in seeds if (row["name"], s) in cells]
-        if not got:
-            continue
-        line = [row["name"], row.get("train", {}).get("router", "fixed"), row.get("teachers", "all"), str(len(got))]
-        for n in eval_names:
-            acc = _mean_std([100 * c["evals"][n]["accuracy"] for c in got if n in c["evals"]])
-            nll = _mean_std([c["evals"][n]["mean_answer_nll"] for c in got if n in c["evals"]])
-            line += [f"{acc[0]:.1f} ± {acc[1]:.1f}", f"{nll[0]:.3f} ± {nll[1]:.3f}"]
-        wall, step, rss = (_mean_std([c[k] for c in got]) for k in ("train_wall_s", "mean_step_s", "peak_rss_mb"))
-        weights = [sum(c["mean_weights"][k] for c in got) / len(got) for k in range(len(got[0]["mean_weights"]))]
-        line += [f"{wall[0]:.1f}", f"{step[0]:.2f}", f"{rss[0]:.0f}", "/".join(f"{w:.2f}" for w in weights)]
-        table_rows.append(line)
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md += ["| " + " | ".join(r) + " |" for r in table_rows]
+    for r in records:
+        line = [r["row"], r["router"], r["teachers"], str(r["seeds"])]
+        for n in eval_names:
+            line += [f"{100 * r[f'{n}_acc_mean']:.1f} ± {100 * r[f'{n}_acc_std']:.1f}", f"{r[f'{n}_nll_mean']:.3f} ± {r[f'{n}_nll_std']:.3f}"]
+        weights = [r[k] for k in r if k.startswith("weight_t")]
+        line += [f"{r['train_wall_s']:.1f}", f"{r['step_s']:.2f}", f"{r['peak_rss_mb']:.0f}", "/".join(f"{w:.2f}" for w in weights)]
+        md.append("| " + " | ".join(line) + " |")
     table = "\n".join(md)
+    columns = list(dict.fromkeys(k for r in records for k in r))
     buf = io.StringIO()
-    csv.writer(buf).writerows([header] + table_rows)
+    writer = csv.DictWriter(buf, fieldnames=columns, restval="")
+    writer.writeheader()
+    writer.writerows(records)
     (out / "results.md").write_text(table + "\n")
     (out / "results.csv").write_text(buf.getvalue())
-    loss_png, weights_png = _plot_grid(out, rows, seeds)
+    loss_png, weights_png = _plot_grid(out, rows, seeds, folders)
     return {"table": table, "csv": str(out / "results.csv"), "loss_png": loss_png, "weights_png": weights_png,
             "cells": list(cells.values())}
 
 
-def _plot_grid(out: Path, rows: list[dict], seeds: list[int]) -> tuple[str, str]:
+def _plot_grid(out: Path, rows: list[dict], seeds: list[int], folders: dict[tuple[str, int], Path]) -> tuple[str, str]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -351,7 +442,7 @@ def _plot_grid(out: Path, rows: list[dict], seeds: list[int]) -> tuple[str, str]
 
     logs = {}
     for row in rows:
-        runs = [out / "cells" / row["name"] / f"seed-{s}" for s in seeds]
+        runs = [folders[(row["name"], s)] for s in seeds if (row["name"], s) in folders]
         got = [read_log(r) for r in runs if (r / "log.jsonl").is_file()]
         if got:
             logs[row["name"]] = got

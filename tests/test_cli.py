@@ -52,7 +52,10 @@ def test_extract_train_eval_end_to_end(rows, tiny_teacher, tiny_student, tmp_pat
     assert json.loads((run / "config.json").read_text())["router"] == "learnable"
     text = _ok(["eval", "--run", str(run), "--data", str(rows / "test.jsonl")])
     assert "| 4 |" in text
-    preds = [json.loads(x) for x in (run / "predictions.jsonl").read_text().splitlines()]
+    folders = list((run / "evals").iterdir())  # one folder per evaluation, named after the data set
+    assert len(folders) == 1 and folders[0].name.endswith("-test") and f"metrics: {folders[0] / 'metrics.json'}" in text.replace("\n", "")
+    assert json.loads((folders[0] / "metrics.json").read_text())["n"] == 4
+    preds = [json.loads(x) for x in (folders[0] / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == 4 and all({"id", "gold", "prediction", "correct", "answer_nll"} <= p.keys() for p in preds)
 
 

@@ -221,7 +221,7 @@ def test_auto_detects_format(path, fmt):
 def test_directory_plus_split():
     res = load_examples(str(DATA / "gsm8k"), split="test", limit=2)
     assert Path(res.source).name == "test.jsonl" and res.examples[0].id == "gsm8k-test-00000"
-    with pytest.raises(DataError, match=r"pass split="):
+    with pytest.raises(DataError, match=r"pick one with --split"):
         load_examples(str(DATA / "gsm8k"))
     with pytest.raises(DataError, match=r"no dev\.jsonl.*'test', 'train'"):
         load_examples(str(DATA / "gsm8k"), split="dev")
@@ -339,7 +339,7 @@ def test_source_and_argument_errors(tmp_path):
         load_examples("x.jsonl", fmt="csv")
     with pytest.raises(ValueError, match="on_bad_row"):
         load_examples("x.jsonl", on_bad_row="skip")
-    with pytest.raises(ValueError, match="offset and limit"):
+    with pytest.raises(ValueError, match="--offset and --limit"):
         load_examples("x.jsonl", offset=-1)
     odd = _write(tmp_path / "odd.jsonl", [json.dumps({"text": "hi"})])
     with pytest.raises(DataError, match=r"cannot detect the format.*\['text'\].*--format"):
@@ -410,7 +410,7 @@ def test_hf_loader_errors(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DataError, match=r"could not load .*hub unreachable.*local path"):
         load_examples("openai/gsm8k", split="test")
-    with pytest.raises(DataError, match="needs split="):
+    with pytest.raises(DataError, match="needs a split: --split"):
         load_examples("openai/gsm8k", fmt="hf")
     monkeypatch.setattr(datasets, "load_dataset", _FakeHub([{"problem": "p", "solution": "s"}]))
     with pytest.raises(DataError, match="GSM8K-style 'question' and 'answer'"):

@@ -47,5 +47,5 @@ def test_smollm2_extract_train_eval(smol, shared_data, tmp_path):
     assert all(np.isfinite(e["kv"]).all() and np.isfinite(e["codi"]).all() for e in log)
     test = tmp_path / "test.jsonl"
     test.write_text("\n".join((shared_data / "gsm8k" / "test.jsonl").read_text().splitlines()[:2]) + "\n")
-    res = evaluate(EvalConfig(run=str(run), data=str(test), out=str(tmp_path / "preds.jsonl")))
+    res = evaluate(EvalConfig(run=str(run), data=str(test), out=str(tmp_path / "eval")))
     assert res.n == 2 and 0 <= res.accuracy <= 1 and np.isfinite(res.mean_answer_nll)

@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
+_WORKER_PREFIX = re.compile(r"\ACaught (\w+) in DataLoader worker process \d+\.\nOriginal Traceback")
+_LAST_LINE = re.compile(r"^kvkd\.cache\.errors\.\w+: (.*)\Z", re.M | re.S)
+
+
 class CacheError(RuntimeError):
-    """A cache cannot be written or read as asked (missing, incomplete, claimed, malformed)."""
+    """A cache cannot be written or read as asked (missing, incomplete, claimed, damaged, malformed).
+
+    Raised in a PyTorch ``DataLoader`` worker, it reaches the main process rebuilt from the
+    worker's formatted traceback (``torch.utils.data``'s ``ExceptionWrapper.reraise``); the
+    constructor keeps only the original one-line message then, so training fails with that line.
+    """
+
+    def __init__(self, message: str = ""):
+        if isinstance(message, str) and _WORKER_PREFIX.match(message):
+            last = _LAST_LINE.search(message)
+            if last:
+                message = last.group(1).strip() + " (in a data-loader worker)"
+        super().__init__(message)
 
 
 class CacheMismatchError(CacheError, ValueError):

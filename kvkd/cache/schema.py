@@ -4,7 +4,7 @@ One cache = one Zarr v3 group per teacher x data set x extraction config. Every 
 example axis first (N, in data-set order):
 
     name              per example           dtype      notes
-    keys, values      (L, H_kv, M, D)       codec      pre-RoPE compressed KV (+ keys_scale (L, H_kv, M) for int8)
+    keys, values      (L, H_kv, M, D)       codec      pre-RoPE compressed KV (+ the codec's parts, e.g. keys_scale)
     hidden            (L+1, d)              codec      hidden states at the token before the answer
     slot_pos          (L, H_kv, M)          int32      CoT token index a slot came from, -1 if empty
     slot_importance   (L, H_kv, M)          float32    importance I of the kept slot
@@ -14,6 +14,9 @@ example axis first (N, in data-set order):
     answer_len        ()                    int32      answer tokens
     answer_nll        ()                    float32    teacher's mean NLL of the gold answer, nats/token
     written           ()                    uint8      1 once the example's shard is fully written
+
+and, per shard (schema 2), ``shard_checksums`` (num_shards, A, 3) uint64: size and crc32c of each
+data array's shard object (see ``kvkd.cache.integrity``).
 
 Chunks hold one example; a shard (one object/file) holds ``examples_per_shard`` consecutive
 examples of one array. ``written`` is not sharded: its chunks are ``examples_per_shard`` long, so
@@ -28,12 +31,14 @@ from typing import Any
 
 import numpy as np
 
-from kvkd.cache.codecs import StorageCodec
+from kvkd.cache.codecs import ENCODED_ARRAYS, CodecSet, StorageCodec, get_codecs  # noqa: F401 (ENCODED_ARRAYS re-exported)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: every chunk ends with its crc32c, every chunk is stored, shard digests in ``shard_checksums``
+(see ``kvkd.cache.integrity``); each encoded array's codec recorded in ``codecs`` (see
+``kvkd.cache.codecs.CodecSet``). 1: no checksums on chunk data, one ``codec`` for keys, values
+and hidden (still read)."""
 
-ENCODED_ARRAYS = ("keys", "values", "hidden")
-"""Float tensors stored through the storage codec (float32 when written and read)."""
 FLAG_ARRAY = "written"
 SHARD_TARGET_BYTES = 32 * 2**20
 """Auto shard size: uncompressed stored bytes per shard to aim for (~32 MiB)."""
@@ -111,28 +116,30 @@ class CacheLayout:
             "answer_nll": ArraySpec((), f32, False),
         }
 
-    def arrays(self, codec: StorageCodec) -> dict[str, ArraySpec]:
+    def arrays(self, codec: StorageCodec | CodecSet) -> dict[str, ArraySpec]:
         """Stored arrays: name -> per-example spec with the stored dtype, ``written`` last.
 
-        Encoded arrays expand into the codec's parts (``keys``, and ``keys_scale`` for int8).
+        Encoded arrays expand into their codec's parts (``keys``, and e.g. ``keys_scale``);
+        ``codec`` is one codec for every encoded array or a ``CodecSet``.
         """
+        codecs = get_codecs(codec)
         out: dict[str, ArraySpec] = {}
         for name, spec in self.row_specs().items():
             if spec.encoded:
-                for suffix, (shape, dtype) in codec.storage_dtypes(spec.shape).items():
+                for suffix, (shape, dtype) in codecs[name].storage_dtypes(spec.shape).items():
                     out[name + suffix] = ArraySpec(tuple(shape), np.dtype(dtype), True)
             else:
                 out[name] = spec
         out[FLAG_ARRAY] = ArraySpec((), np.dtype(np.uint8), False)
         return out
 
-    def bytes_per_example(self, codec: StorageCodec) -> int:
+    def bytes_per_example(self, codec: StorageCodec | CodecSet) -> int:
         """Uncompressed stored bytes of one example (all arrays, flags included)."""
         return sum(spec.nbytes() for spec in self.arrays(codec).values())
 
     # ---- shards -------------------------------------------------------------------------------
 
-    def resolved(self, codec: StorageCodec) -> CacheLayout:
+    def resolved(self, codec: StorageCodec | CodecSet) -> CacheLayout:
         """This layout with ``examples_per_shard`` fixed (auto: ~32 MiB uncompressed per shard).
 
         The result holds at least 1 and at most ``num_examples`` examples per shard.

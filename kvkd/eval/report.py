@@ -33,8 +33,23 @@ def read_log(run_dir: str | Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+LEGACY_TERMS = ("codi", "kv", "cka")  # logs written before they listed their terms
+
+
+def loss_terms(log: list[dict]) -> list[str]:
+    """The distillation terms a run's log holds (each a per-teacher list per step), in log
+    order: the ``terms`` its entries list (any registered term), else :data:`LEGACY_TERMS`."""
+    names: list[str] = []
+    for e in log:
+        for name in e.get("terms") or [t for t in LEGACY_TERMS if t in e]:
+            if name not in names:
+                names.append(name)
+    return names
+
+
 def plot_run(run_dir: str | Path, out_png: str | Path) -> Path:
-    """Plot a run's losses (total, CE, per-teacher CODI, KV and CKA) and router weights per teacher.
+    """Plot a run's losses (total, CE, validation NLL if logged, every distillation term per
+    teacher that is not all zero) and router weights per teacher.
 
     Raises:
         FileNotFoundError: the run has no log; ValueError: the log is empty.
@@ -52,12 +67,15 @@ def plot_run(run_dir: str | Path, out_png: str | Path) -> Path:
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
     axes[0].plot(steps, [e["loss"] for e in log], label="total")
     axes[0].plot(steps, [e["ce"] for e in log], label="CE")
+    valid = [(e["step"], e["valid_nll"]) for e in log if e.get("valid_nll") is not None]
+    if valid:  # --valid-data: validation gold-answer NLL
+        axes[0].plot(*zip(*valid), "o-", label="validation NLL")
     axes[0].set_title("loss")
+    styles = ("-", "--", ":", "-.")
     for k in range(K):
-        axes[1].plot(steps, [e["codi"][k] for e in log], label=f"CODI t{k}")
-        axes[1].plot(steps, [e["kv"][k] for e in log], "--", label=f"KV t{k}")
-        if any(e.get("cka") and e["cka"][k] for e in log):
-            axes[1].plot(steps, [e["cka"][k] for e in log], ":", label=f"CKA t{k}")
+        for i, name in enumerate(loss_terms(log)):
+            if any(e.get(name) and e[name][k] for e in log):  # a term that is off logs zeros
+                axes[1].plot(steps, [e[name][k] if e.get(name) else float("nan") for e in log], styles[i % len(styles)], label=f"{name.upper()} t{k}")
         axes[2].plot(steps, [e["weights"][k] for e in log], label=f"teacher {k}")
     axes[1].set_title("distillation terms per teacher")
     axes[1].set_yscale("log")

@@ -16,8 +16,10 @@ so the part that finishes last marks the cache complete.
 
 from __future__ import annotations
 
+import errno
 import os
 import time
+from pathlib import Path
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable
 
@@ -36,10 +38,14 @@ from kvkd.pipeline.compress import DEFAULT_LAMBDA, gather_slots, select_slots
 from kvkd.prompts import PromptTemplate, token_span
 
 
-def _codec_names() -> list[str]:
-    from kvkd.cache.codecs import CODECS
+ON_BAD_ROW = ("error", "skip")
+TOO_LONG = ("error", "skip")
 
-    return CODECS.names()
+
+def _codec_names() -> list[str]:
+    from kvkd.cache.codecs import codec_choices
+
+    return codec_choices()
 
 
 @dataclass
@@ -58,7 +64,9 @@ class ExtractConfig(DataSelection, RuntimeArgs):
         lam: lambda of the KaVa eviction score (importance weight).
         batch_size: examples per teacher forward.
         dtype: dtype the teacher runs in.
-        codec: storage codec (a name of ``kvkd.cache.codecs.CODECS``).
+        codec: storage codecs: a preset of ``kvkd.cache.codecs.PRESETS`` (per-array codecs:
+            ``fp16``, ``int8``, ``int4``) or a name of ``kvkd.cache.codecs.CODECS`` (one codec
+            for keys, values and hidden; ``float16`` is the ``fp16`` preset).
         compressor: byte compressor, ``zstd:LEVEL``, ``blosc:LEVEL:SHUFFLE`` or ``none``.
         examples_per_shard: examples per shard file (0 = about 32 MB per shard).
         overwrite: replace an existing store at ``out``.
@@ -67,6 +75,11 @@ class ExtractConfig(DataSelection, RuntimeArgs):
             the rank and world size from the launcher (``RANK``/``WORLD_SIZE`` of torchrun or
             deepspeed), or one part when they are not set.
         shard_index: this part's index i in ``[0, num_shards)`` (with ``num_shards``).
+        on_bad_row: ``error`` stops at an unparseable data row; ``skip`` leaves such rows out
+            (listed in ``ExtractSummary.problems`` and ``dataset.bad_rows`` of the metadata).
+        too_long: rows whose teacher text is longer than the teacher's
+            ``max_position_embeddings``: ``error`` refuses the run before anything is written,
+            ``skip`` leaves them out (``ExtractSummary.too_long`` and ``dataset.too_long_ids``).
     """
 
     offset: int | None = override(DataSelection, "offset", 0, "")
@@ -79,12 +92,14 @@ class ExtractConfig(DataSelection, RuntimeArgs):
     lam: float = opt(DEFAULT_LAMBDA, cli="lambda", help="KaVa eviction score weight of importance vs uniqueness, in [0, 1]")
     batch_size: int = opt(8, help="Examples per teacher forward")
     dtype: str = opt("float32", help="Teacher dtype: float32, bfloat16 or float16", choices=("float32", "bfloat16", "float16"))
-    codec: str = opt("float16", help="Storage codec of the cached tensors", choices=_codec_names)
+    codec: str = opt("float16", help="Storage codecs of keys/values/hidden: a preset (fp16; int8 = keys int8 per channel, values int8 per token, hidden int8 with fp16 outliers, within 1% error; int4 the same at 4 bits) or one codec for all three", choices=_codec_names)
     compressor: str = opt("zstd:3", help="Byte compressor: zstd:LEVEL, blosc:LEVEL:byte|bit|none, or none")
     examples_per_shard: int = opt(0, help="Examples per shard file (0 = about 32 MB of data per shard)")
     overwrite: bool = opt(False, cli="overwrite/no-overwrite", help="Replace an existing cache at --out instead of resuming it")
     num_shards: int = opt(0, help="Parallel jobs writing this cache: job i takes the shards s with s % N == i (0 = RANK/WORLD_SIZE of torchrun/deepspeed, or one job)")
     shard_index: int | None = opt(None, help="This job's index in [0, --num-shards)")
+    on_bad_row: str = opt("error", help="A data row that cannot be parsed: error (stop, naming file and row) or skip (leave it out, listed in the summary and the cache metadata)", choices=ON_BAD_ROW)
+    too_long: str = opt("error", help="A row longer than the teacher's context (max_position_embeddings): error (refuse the run, naming the rows) or skip (leave them out, counted in a warning and recorded in the cache metadata)", choices=TOO_LONG)
 
 
 @dataclass
@@ -115,23 +130,26 @@ class ExtractSummary:
     complete: bool
     part: list = field(default_factory=lambda: [0, 1])
     problems: list = field(default_factory=list)
+    too_long: list = field(default_factory=list)
+    """ids of the rows left out as longer than the teacher's context (``too_long="skip"``)."""
+
+
+class ExtractInterrupted(KeyboardInterrupt):
+    """Extraction stopped by Ctrl-C or SIGTERM (the CLI turns SIGTERM into this too).
+
+    Every shard written before is kept (flags set); the shard being computed is redone by the
+    next run with the same options. Attributes: ``out`` (the cache), ``shard`` (the shard being
+    computed, or None when no shard had started).
+    """
+
+    def __init__(self, out: str, shard: int | None):
+        super().__init__(f"interrupted at shard {shard}" if shard is not None else "interrupted")
+        self.out, self.shard = out, shard
 
 
 def parse_compressor(text: str) -> Compressor:
-    """``zstd:3`` / ``blosc:5:bit`` / ``none`` -> Compressor.
-
-    Raises:
-        ValueError: on an unknown name, level or shuffle.
-    """
-    parts = text.split(":")
-    name = parts[0]
-    if name == "none":
-        return Compressor("none")
-    if name not in ("zstd", "blosc"):
-        raise ValueError(f"unknown compressor {text!r}; use zstd:LEVEL, blosc:LEVEL:SHUFFLE or none")
-    level = int(parts[1]) if len(parts) > 1 else 3
-    shuffle = parts[2] if len(parts) > 2 else ("bit" if name == "blosc" else "none")
-    return Compressor(name, level, shuffle)
+    """``zstd:3`` / ``blosc:5:bit`` / ``none`` -> Compressor (see ``Compressor.parse``)."""
+    return Compressor.parse(text)
 
 
 def extraction_part(cfg: ExtractConfig, env: dict | None = None) -> tuple[int, int]:
@@ -217,26 +235,186 @@ def resolve_traces(examples: list[Example], cfg: ExtractConfig) -> tuple[list[st
     return traces, fallback_ids
 
 
-def cache_metadata(cfg: ExtractConfig, loaded: LoadedModel, data: LoadResult, template: PromptTemplate, frame: str, fallback_ids: list[str] = ()) -> dict:
-    """The JSON metadata of a teacher cache (docs/design.md, section 3)."""
+def _dataset_selection(cfg: ExtractConfig, data: LoadResult, fallback_ids) -> dict:
+    """What the selected rows are, known before the teacher loads (compared on resume first)."""
+    return {
+        "source": data.source,
+        "format": data.fmt,
+        "split": cfg.split,
+        "offset": cfg.offset or 0,
+        "selected_rows": len(data.examples) + len(data.problems),
+        "selected_fingerprint": dataset_fingerprint(data.examples),
+        "on_bad_row": cfg.on_bad_row,
+        "bad_rows": [p.row for p in data.problems],
+        "trace": cfg.trace,
+        "drop_last_step": cfg.drop_last_step,
+        "trace_fallback": cfg.trace_fallback,
+        "too_long": cfg.too_long,
+    }
+
+
+def early_metadata(cfg: ExtractConfig, data: LoadResult, template: PromptTemplate) -> dict:
+    """The part of the cache metadata known before the teacher is loaded (for ``CacheWriter.precheck``)."""
+    return {
+        "dataset": _dataset_selection(cfg, data, []),
+        "prompt": template.to_json(),
+        "compression": {"method": "kava", "slots": cfg.slots, "lambda": cfg.lam},
+    }
+
+
+def cache_metadata(cfg: ExtractConfig, loaded: LoadedModel, data: LoadResult, template: PromptTemplate, frame: str,
+                   fallback_ids: list[str] = (), examples: list[Example] | None = None, too_long_ids: list[str] = ()) -> dict:
+    """The JSON metadata of a teacher cache (docs/design.md, section 3).
+
+    ``dataset.rows``/``fingerprint`` describe the cached examples (``examples``, default all
+    loaded rows); ``selected_rows`` the rows read from the source (before bad or too-long rows
+    were left out, listed in ``bad_rows`` (source row numbers) and ``too_long_ids``).
+    ``provenance`` records library versions and the device.
+    """
+    examples = data.examples if examples is None else examples
     return {
         "teacher": loaded.info,
         "tokenizer": tokenizer_identity(loaded.tokenizer),
         "dataset": {
-            "source": data.source,
-            "format": data.fmt,
-            "split": cfg.split,
-            "offset": cfg.offset,
-            "rows": len(data.examples),
-            "fingerprint": dataset_fingerprint(data.examples),
-            "trace": cfg.trace,
-            "drop_last_step": cfg.drop_last_step,
-            "trace_fallback": cfg.trace_fallback,
+            **_dataset_selection(cfg, data, fallback_ids),
+            "rows": len(examples),
+            "fingerprint": dataset_fingerprint(examples),
             "trace_fallback_ids": list(fallback_ids),
+            "too_long_ids": list(too_long_ids),
         },
         "prompt": template.to_json(),
         "compression": {"method": "kava", "slots": cfg.slots, "lambda": cfg.lam, "key_frame": frame},
+        "provenance": provenance(resolve_device(cfg.device)),
     }
+
+
+def provenance(device) -> dict:
+    """Library versions (python, torch, transformers, peft, zarr, numcodecs, deepspeed, kvkd) and the device.
+
+    Volatile in the sense of ``kvkd.cache.writer.VOLATILE_KEYS``: a resumed extraction may run
+    with other versions; the stored record is the first run's.
+    """
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    import kvkd
+
+    versions = {"python": platform.python_version(), "kvkd": kvkd.__version__}
+    for name in ("torch", "transformers", "peft", "zarr", "numcodecs", "deepspeed"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    dev = {"type": device.type, "name": "cpu"}
+    if device.type == "cuda":
+        dev["name"] = torch.cuda.get_device_name(device)
+    else:
+        dev["name"] = platform.processor() or platform.machine()
+    return {"versions": versions, "device": dev, "host": platform.node()}
+
+
+def check_options(cfg: ExtractConfig) -> tuple[int, int]:
+    """Refuse invalid options before anything is loaded or created; return the part.
+
+    Returns:
+        This process's part ``(index, count)`` (see ``extraction_part``).
+    Raises:
+        ValueError: naming the option (its CLI flag) and the fix.
+    """
+
+    if not cfg.out:
+        raise ValueError("no output cache given: pass --out PATH")
+    if cfg.slots < 1:
+        raise ValueError(f"--slots must be >= 1 (KV slots kept per layer and head), got {cfg.slots}")
+    if not 0.0 <= cfg.lam <= 1.0:
+        raise ValueError(f"--lambda must be in [0, 1] (weight of importance vs uniqueness), got {cfg.lam}")
+    if cfg.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {cfg.batch_size}")
+    if cfg.examples_per_shard < 0:
+        raise ValueError(f"--examples-per-shard must be >= 0 (0 = about 32 MB per shard), got {cfg.examples_per_shard}")
+    if cfg.codec not in _codec_names():
+        raise ValueError(f"--codec {cfg.codec!r} is not one of {', '.join(_codec_names())}")
+    try:
+        Compressor.parse(cfg.compressor)
+    except ValueError as e:
+        raise ValueError(f"--compressor: {e}") from None
+    for flag, value, allowed in (("--on-bad-row", cfg.on_bad_row, ON_BAD_ROW), ("--too-long", cfg.too_long, TOO_LONG),
+                                 ("--trace", cfg.trace, TRACE_KINDS)):
+        if value not in allowed:
+            raise ValueError(f"{flag} {value!r} is not one of {', '.join(allowed)}")
+    if cfg.trace_fallback is not None and cfg.trace_fallback not in TRACE_KINDS:
+        raise ValueError(f"--trace-fallback {cfg.trace_fallback!r} is not one of {', '.join(TRACE_KINDS)}")
+    if (cfg.offset or 0) < 0 or (cfg.limit is not None and cfg.limit < 0):
+        raise ValueError(f"--offset and --limit must be >= 0, got --offset {cfg.offset} --limit {cfg.limit}")
+    part = extraction_part(cfg)
+    check_output_path(cfg.out)
+    return part
+
+
+def check_output_path(out: str) -> None:
+    """Refuse a local ``--out`` that cannot be written (read-only folder, a file in the way).
+
+    Raises:
+        ValueError: naming the path and the fix. Remote URLs are not checked here.
+    """
+    if "://" in out and not out.startswith(("file://", "local://")) or "::" in out:
+        return
+    path = Path(out.split("://", 1)[-1]).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--out {out}: a file is in the way (a cache is a folder); choose another path")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ValueError(f"--out {out}: {probe} is a file, not a folder; choose another path")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {out}: folder {probe} is not writable (read-only or no permission); choose another --out")
+
+
+def _load_rows(cfg: ExtractConfig) -> LoadResult:
+    """The selected data rows; ``--on-bad-row skip`` leaves unparseable ones out (listed)."""
+    try:
+        data = load_examples(cfg.data, split=cfg.split, fmt=cfg.data_format, limit=cfg.limit, offset=cfg.offset or 0,
+                             on_bad_row="report" if cfg.on_bad_row == "skip" else "raise")
+    except DataError as e:  # name the CLI flag, not the library argument
+        raise DataError(str(e).replace("(or, from Python, pass on_bad_row='report' to skip bad rows and list them)",
+                                       "(or pass --on-bad-row skip to leave bad rows out and list them)")) from None
+    if not data.examples:
+        raise ValueError(f"{cfg.data}: no examples selected (--offset {cfg.offset}, --limit {cfg.limit})")
+    return data
+
+
+def teacher_lengths(tokenizer, examples: list[Example], traces: list[str], template: PromptTemplate) -> list[int]:
+    """Tokens of each example's teacher text (question, CoT, answer), as ``tokenize_teacher`` makes it."""
+    texts = [template.teacher_text(ex.question, trace, ex.answer)[0] for ex, trace in zip(examples, traces)]
+    return [len(ids) for ids in tokenizer(texts, padding=False)["input_ids"]]
+
+
+def apply_too_long(cfg: ExtractConfig, examples: list[Example], traces: list[str], lengths: list[int], max_positions: int | None):
+    """Keep the rows that fit the teacher's context (``--too-long``).
+
+    Returns:
+        ``(examples, traces, lengths, too_long_ids)`` with the long rows left out (skip), or
+        unchanged when every row fits or the model declares no context length.
+    Raises:
+        ValueError: with ``--too-long error``, naming how many rows are too long and the longest.
+    """
+    if not max_positions:
+        return examples, traces, lengths, []
+    long = [i for i, n in enumerate(lengths) if n > max_positions]
+    if not long:
+        return examples, traces, lengths, []
+    worst = max(long, key=lambda i: lengths[i])
+    if cfg.too_long == "error":
+        raise ValueError(
+            f"{len(long)} of {len(examples)} rows are longer than the teacher's context of {max_positions} tokens "
+            f"(max_position_embeddings; longest: {examples[worst].id!r}, {lengths[worst]} tokens); pass --too-long skip "
+            "to leave them out (recorded in the cache), or select other rows"
+        )
+    keep = [i for i in range(len(examples)) if lengths[i] <= max_positions]
+    if not keep:
+        raise ValueError(f"every selected row is longer than the teacher's context of {max_positions} tokens")
+    return [examples[i] for i in keep], [traces[i] for i in keep], [lengths[i] for i in keep], [examples[i].id for i in long]
 
 
 def extract(
@@ -246,6 +424,10 @@ def extract(
     template: PromptTemplate = PromptTemplate(),
 ) -> ExtractSummary:
     """Extract one teacher's compressed cache (KaVa) into a Zarr v3 store; resumable.
+
+    Order: every option is checked, the data read and an existing cache at ``out`` compared
+    with this run (data, compression, codec) before the teacher is loaded; rows too long for
+    the teacher are handled (``too_long``) before anything is created.
 
     Args:
         cfg: the options (see ExtractConfig).
@@ -257,22 +439,28 @@ def extract(
     Raises:
         kvkd.data.DataError: unreadable rows or empty traces.
         kvkd.cache.errors.CacheMismatchError: ``out`` holds a cache of other data/teacher/options.
-        ValueError: invalid options.
+        kvkd.cache.errors.CacheError: no space left on the device (the message names the path;
+            rerunning resumes), or another writer holds a shard.
+        ExtractInterrupted: Ctrl-C (or SIGTERM turned into KeyboardInterrupt by the caller).
+        ValueError: invalid options (naming the flag), rows too long for the teacher.
     """
-    if not cfg.out:
-        raise ValueError("no output store given: pass --out PATH")
-    part = extraction_part(cfg)
-    data = load_examples(cfg.data, split=cfg.split, fmt=cfg.data_format, limit=cfg.limit, offset=cfg.offset)
-    if not data.examples:
-        raise ValueError(f"{cfg.data}: no examples selected (offset={cfg.offset}, limit={cfg.limit})")
+    part = check_options(cfg)
+    data = _load_rows(cfg)
     traces, fallback_ids = resolve_traces(data.examples, cfg)
+    if not cfg.overwrite:
+        CacheWriter.precheck(cfg.out, early_metadata(cfg, data, template), codec=cfg.codec,
+                             compressor=Compressor.parse(cfg.compressor))
     loaded = loaded or load_model(cfg.model, dtype=cfg.dtype, trust_remote_code=cfg.trust_remote_code)
+    tok = loaded.tokenizer
+    examples, traces, lengths, too_long = apply_too_long(
+        cfg, data.examples, traces, teacher_lengths(tok, data.examples, traces, template), loaded.info.get("max_positions"))
+    fallback_ids = [i for i in fallback_ids if i not in set(too_long)]
     device = resolve_device(cfg.device)
-    model, tok = loaded.model.to(device), loaded.tokenizer
+    model = loaded.model.to(device)
     info = loaded.info
     frame = key_module(decoder_layers(model)[0])[1]
     layout = CacheLayout(
-        num_examples=len(data.examples),
+        num_examples=len(examples),
         num_layers=info["num_layers"],
         num_kv_heads=info["num_kv_heads"],
         head_dim=info["head_dim"],
@@ -280,45 +468,44 @@ def extract(
         slots=cfg.slots,
         examples_per_shard=cfg.examples_per_shard,
     )
-    writer = CacheWriter.open(
-        cfg.out,
-        layout,
-        cache_metadata(cfg, loaded, data, template, frame, fallback_ids),
-        codec=cfg.codec,
-        compressor=parse_compressor(cfg.compressor),
-        overwrite=cfg.overwrite,
-    )
-    layout = writer.layout
-    pending = writer.pending_shards(part=part)  # this part's unwritten shards: a part resumes on its own
-    skipped = len(range(part[0], layout.num_shards, part[1])) - len(pending)
-    total = sum(layout.shard_range(s)[1] - layout.shard_range(s)[0] for s in pending)
-    start_time = time.perf_counter()
-    done = tokens = 0
-    lengths = [len(t) for t in traces]
-    for shard in pending:
-        lo, hi = layout.shard_range(shard)
-        n = hi - lo
-        with writer.claim(shard):  # held while computing: a second writer of this shard fails here (CacheError)
-            if shard not in writer.pending_shards(part=part):
-                raise CacheError(
-                    f"shard {shard} of {cfg.out} was written by another writer while part {part[0]} of {part[1]} was running; "
-                    "two jobs were given the same part: give each job its own --shard-index"
-                )
-            rows = _empty_rows(layout, n)
-            order = sorted(range(lo, hi), key=lambda i: lengths[i])  # less padding per batch
-            for b in range(0, n, cfg.batch_size):
-                idx = order[b : b + cfg.batch_size]
-                batch = tokenize_teacher(tok, [data.examples[i] for i in idx], [traces[i] for i in idx], template)
-                cap = capture_batch(model, TeacherBatch(*(t.to(device) for t in astuple_shallow(batch))))
-                _fill_rows(rows, [i - lo for i in idx], Capture(*(t.cpu() for t in astuple_shallow(cap))), cfg)  # compressed on CPU
-                done += len(idx)
-                tokens += batch.num_tokens
-                if on_progress:
-                    on_progress(ExtractProgress(done, total, tokens, time.perf_counter() - start_time))
-            writer.write_shard(shard, rows)
-    # Every part sets its flags before it checks all of them, so the part that writes last sees
-    # every flag set and marks the cache complete (several may; the result is the same).
-    complete = writer.finalize()
+    meta = cache_metadata(cfg, loaded, data, template, frame, fallback_ids, examples=examples, too_long_ids=too_long)
+    shard = None
+    try:
+        writer = CacheWriter.open(cfg.out, layout, meta, codec=cfg.codec, compressor=Compressor.parse(cfg.compressor), overwrite=cfg.overwrite)
+        layout = writer.layout
+        pending = writer.pending_shards(part=part)  # this part's unwritten shards: a part resumes on its own
+        skipped = len(range(part[0], layout.num_shards, part[1])) - len(pending)
+        total = sum(layout.shard_range(s)[1] - layout.shard_range(s)[0] for s in pending)
+        start_time = time.perf_counter()
+        done = tokens = 0
+        for shard in pending:
+            lo, hi = layout.shard_range(shard)
+            with writer.claim(shard):  # held while computing: a second writer of this shard fails here (CacheError)
+                if shard not in writer.pending_shards(part=part):
+                    raise CacheError(
+                        f"shard {shard} of {cfg.out} was written by another writer while part {part[0]} of {part[1]} was running; "
+                        "two jobs were given the same part: give each job its own --shard-index"
+                    )
+                rows, n_tokens = compute_shard(model, tok, examples, traces, lengths, range(lo, hi), layout, cfg, template, device,
+                                               on_batch=None if on_progress is None else lambda k, t: on_progress(
+                                                   ExtractProgress(done + k, total, tokens + t, time.perf_counter() - start_time)))
+                done += hi - lo
+                tokens += n_tokens
+                writer.write_shard(shard, rows)
+        shard = None
+        # Every part sets its flags before it checks all of them, so the part that writes last sees
+        # every flag set and marks the cache complete (several may; the result is the same).
+        complete = writer.finalize(sole_writer=part[1] == 1)
+    except KeyboardInterrupt:
+        raise ExtractInterrupted(cfg.out, shard) from None
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            where = f" (shard {shard})" if shard is not None else ""
+            raise CacheError(f"no space left on the device writing {cfg.out}{where}: free space, then rerun the same command to resume "
+                             "(written shards are kept)") from None
+        if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise CacheError(f"cannot write {cfg.out}: {e.strerror} ({getattr(e, 'filename', None) or cfg.out}); choose another --out") from None
+        raise
     wall = time.perf_counter() - start_time
     stored = writer.stored_bytes()
     return ExtractSummary(
@@ -336,7 +523,32 @@ def extract(
         complete=complete,
         part=list(part),
         problems=[asdict(p) for p in data.problems],
+        too_long=too_long,
     )
+
+
+def compute_shard(model, tokenizer, examples: list[Example], traces: list[str], lengths: list[int], where: range,
+                  layout: CacheLayout, cfg: ExtractConfig, template: PromptTemplate, device, on_batch=None) -> tuple[dict[str, np.ndarray], int]:
+    """Rows of examples ``where`` (one shard), batch by batch, sorted by length to cut padding.
+
+    Returns:
+        ``(rows, tokens)``: the shard's rows as ``CacheWriter.write_shard`` takes them, and the
+        tokens the teacher read. ``on_batch(examples_done, tokens_done)`` after each batch.
+    """
+    lo = where.start
+    rows = _empty_rows(layout, len(where))
+    order = sorted(where, key=lambda i: lengths[i])  # less padding per batch
+    done = tokens = 0
+    for b in range(0, len(order), cfg.batch_size):
+        idx = order[b : b + cfg.batch_size]
+        batch = tokenize_teacher(tokenizer, [examples[i] for i in idx], [traces[i] for i in idx], template)
+        cap = capture_batch(model, TeacherBatch(*(t.to(device) for t in astuple_shallow(batch))))
+        _fill_rows(rows, [i - lo for i in idx], Capture(*(t.cpu() for t in astuple_shallow(cap))), cfg)  # compressed on CPU
+        done += len(idx)
+        tokens += batch.num_tokens
+        if on_batch:
+            on_batch(done, tokens)
+    return rows, tokens
 
 
 def astuple_shallow(obj) -> tuple:

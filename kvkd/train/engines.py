@@ -37,6 +37,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from kvkd.models import resolve_device
+from kvkd.train.rundir import NonFiniteError, RunDir, disk_error, make_readable, nonfinite_tensors
 
 def to_device(batch, device: torch.device):
     """Move every tensor of a (nested) batch to ``device``; other values are kept."""
@@ -100,10 +101,20 @@ def checkpoint_dir(run: Path, step: int) -> Path:
 
 
 def prune_checkpoints(run: Path, keep: int) -> None:
-    """Keep the newest ``keep`` complete checkpoints (and any newer incomplete one)."""
-    complete = sorted(p for p in (run / "checkpoints").glob("step-*") if (p / "state.json").is_file())
-    for old in complete[: -max(keep, 1)]:
-        shutil.rmtree(old, ignore_errors=True)
+    """Keep the newest ``keep`` complete checkpoints (and any newer incomplete one). Each old one
+    is renamed to ``.del-step-N`` before it is deleted, so a kill mid-delete leaves no ``step-*``
+    folder that looks like a checkpoint."""
+    for old in RunDir(run).checkpoints()[: -max(keep, 1)]:
+        doomed = old.with_name(f".del-{old.name}")
+        os.replace(old, doomed)
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _refuse_nonfinite(state: dict, step: int) -> None:
+    bad = nonfinite_tensors(state)
+    if bad:
+        raise NonFiniteError(f"step {step}: the trained tensors hold NaN/inf ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}); "
+                             "no checkpoint written: the run diverged (lower --lr, or resume from the newest checkpoint)")
 
 
 @dataclass
@@ -141,22 +152,51 @@ class PlainEngine:
     def lr(self) -> float:
         return self.sched.get_last_lr()[0]
 
-    def backward_step(self, loss: torch.Tensor) -> None:
+    def all_finite(self, loss: torch.Tensor) -> bool:
+        """Whether the step's loss is finite (on every rank)."""
+        return bool(torch.isfinite(loss.detach()).all())
+
+    def backward_step(self, loss: torch.Tensor) -> bool:
+        """Backward, clip, optimiser and schedule step; returns False (and skips the update, not
+        the schedule) when the gradient norm is NaN/inf."""
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
-        self.opt.step()
+        norm = torch.nn.utils.clip_grad_norm_(self.params, self.grad_clip)
+        finite = bool(torch.isfinite(norm))
+        if finite:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.step()
+        return finite
+
+    def skip_step(self) -> None:
+        """A step whose loss is non-finite: no update, the schedule moves on (step s keeps lr(s))."""
         self.sched.step()
 
     def save(self, run: Path, step: int, keep: int) -> Path:
+        """Write ``checkpoints/step-N`` (weights, optimiser, ``state.json``) through a temp folder.
+
+        Raises:
+            NonFiniteError: the tensors hold NaN/inf (nothing written).
+            RunFolderError: a write failed (e.g. disk full; the temp folder is removed).
+        """
+        state = self.module.checkpoint_state()
+        _refuse_nonfinite(state, step)
         final = checkpoint_dir(run, step)
         tmp = run / "checkpoints" / f".tmp-step-{step:07d}"
         shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(self.module.checkpoint_state(), str(tmp / "trainable.safetensors"))
-        torch.save(self.opt.state_dict(), tmp / "optimizer.pt")  # read back with weights_only=True
-        (tmp / "state.json").write_text(json.dumps({"step": step, "engine": "plain"}))
-        shutil.rmtree(final, ignore_errors=True)
+        try:
+            tmp.mkdir(parents=True)
+            save_file(state, str(tmp / "trainable.safetensors"))
+            torch.save(self.opt.state_dict(), tmp / "optimizer.pt")  # read back with weights_only=True
+            (tmp / "state.json").write_text(json.dumps({"step": step, "engine": "plain"}))
+            make_readable(tmp)
+        except (OSError, RuntimeError) as err:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise disk_error(tmp, err) from None
+        if final.exists():
+            os.replace(final, final.with_name(f".del-{final.name}"))
+            shutil.rmtree(final.with_name(f".del-{final.name}"), ignore_errors=True)
         os.replace(tmp, final)  # a checkpoint folder exists only once complete
         prune_checkpoints(run, keep)
         return final
@@ -276,9 +316,22 @@ class DeepSpeedEngine:
     def lr(self) -> float:
         return self.engine.get_lr()[0]
 
-    def backward_step(self, loss: torch.Tensor) -> None:
-        self.engine.backward(loss)  # clipping per the config's gradient_clipping
+    def all_finite(self, loss: torch.Tensor) -> bool:
+        """Whether the step's loss is finite on every rank (all ranks agree, so all skip together)."""
+        bad = torch.tensor([0.0 if bool(torch.isfinite(loss.detach()).all()) else 1.0], device=self.device)
+        self.dist.all_reduce(bad)
+        return float(bad) == 0.0
+
+    def backward_step(self, loss: torch.Tensor) -> bool:
+        """DeepSpeed's backward and step (clipping per the config's ``gradient_clipping``; fp16
+        loss scaling skips overflowing steps itself); returns True."""
+        self.engine.backward(loss)
         self.engine.step()  # optimiser + lr schedule
+        return True
+
+    def skip_step(self) -> None:
+        """A step whose loss is non-finite on some rank: no backward, the schedule moves on."""
+        self.engine.lr_scheduler.step()
 
     def _gathered(self):
         """Full (unpartitioned) trainable parameters on every rank for the duration (ZeRO-3)."""
@@ -291,18 +344,29 @@ class DeepSpeedEngine:
     def save(self, run: Path, step: int, keep: int) -> Path:
         """DeepSpeed's checkpoint (all ranks) + ``trainable.safetensors`` and ``state.json`` (rank 0)."""
         final = checkpoint_dir(run, step)
-        if self.rank == 0 and final.exists():
-            shutil.rmtree(final)
-        self.barrier()
-        self.engine.save_checkpoint(str(run / "checkpoints"), tag=final.name, exclude_frozen_parameters=True, save_latest=False)
         with self._gathered():
             state = self.module.checkpoint_state() if self.rank == 0 else None
-        if self.rank == 0:
-            save_file({k: v.cpu() for k, v in state.items()}, str(final / "trainable.safetensors"))
-            tmp = final / ".state.json.tmp"
-            tmp.write_text(json.dumps({"step": step, "engine": "deepspeed", "world_size": self.world_size, "zero_stage": self.stage}))
-            os.replace(tmp, final / "state.json")  # written last: marks the checkpoint complete
-            prune_checkpoints(run, keep)
+        bad = torch.tensor([1.0 if self.rank == 0 and nonfinite_tensors(state) else 0.0], device=self.device)
+        self.dist.all_reduce(bad)  # every rank refuses together
+        if float(bad):
+            _refuse_nonfinite(state if self.rank == 0 else {"(on rank 0)": torch.tensor(float("nan"))}, step)
+        if self.rank == 0 and final.exists():
+            os.replace(final, final.with_name(f".del-{final.name}"))
+            shutil.rmtree(final.with_name(f".del-{final.name}"))
+        self.barrier()
+        try:
+            self.engine.save_checkpoint(str(run / "checkpoints"), tag=final.name, exclude_frozen_parameters=True, save_latest=False)
+            if self.rank == 0:
+                save_file({k: v.cpu() for k, v in state.items()}, str(final / "trainable.safetensors"))
+                tmp = final / ".state.json.tmp"
+                tmp.write_text(json.dumps({"step": step, "engine": "deepspeed", "world_size": self.world_size, "zero_stage": self.stage}))
+                make_readable(final)
+                os.replace(tmp, final / "state.json")  # written last: marks the checkpoint complete
+                prune_checkpoints(run, keep)
+        except (OSError, RuntimeError) as err:
+            if self.rank == 0:
+                shutil.rmtree(final, ignore_errors=True)
+            raise disk_error(final, err) from None
         self.barrier()
         return final
 

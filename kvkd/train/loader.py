@@ -53,15 +53,27 @@ class DistillDataset(Dataset):
         tokenizer: the student's tokenizer.
         cache_urls: one cache per teacher (K of them).
         template: prompt layout.
+        teacher_extras: optional K dicts ``{field: (N, ...) tensor}`` of further per-example
+            teacher data that loss terms asked for (``kvkd.train.losses.base.teacher_extras``,
+            e.g. SIM-CoT's tokenised steps); row i's slices join teacher k's item dict.
     Item: dict with ``index``, ``q_ids``, ``s_ids``, ``answer_start`` and ``teachers``: K dicts
     of float32 tensors (keys/values (L, H_kv, M, D), hidden (L+1, d), slot_valid (L, H_kv, M)
-    bool, slot_importance (L, H_kv, M), answer_nll () nats/token, answer_len () int32 tokens).
+    bool, slot_importance (L, H_kv, M), answer_nll () nats/token, answer_len () int32 tokens),
+    plus the extras' fields.
+    Raises:
+        ValueError: an extra field that is not N rows long or shadows a cache field.
     """
 
-    def __init__(self, examples: list[Example], tokenizer, cache_urls: list[str], template: PromptTemplate = PromptTemplate()):
+    def __init__(self, examples: list[Example], tokenizer, cache_urls: list[str], template: PromptTemplate = PromptTemplate(),
+                 teacher_extras: list[dict[str, torch.Tensor]] | None = None):
         self.examples = examples
         self.texts = [tokenize_student(tokenizer, ex, template) for ex in examples]
         self.cache_urls = list(cache_urls)
+        self.extras = teacher_extras or [{} for _ in self.cache_urls]
+        for k, extra in enumerate(self.extras):
+            for name, value in extra.items():
+                if name in TEACHER_FIELDS or len(value) != len(examples):
+                    raise ValueError(f"teacher {k}: extra loader field {name!r} must be new and hold {len(examples)} rows, got {len(value)}")
         self._readers: list[CacheReader] | None = None
 
     def readers(self) -> list[CacheReader]:
@@ -89,7 +101,8 @@ class DistillDataset(Dataset):
         items = []
         for b, i in enumerate(indices):
             text = self.texts[i]
-            teachers = [{name: f[name][b] for name in TEACHER_FIELDS} for f in fields]
+            teachers = [{**{name: f[name][b] for name in TEACHER_FIELDS}, **{name: v[i] for name, v in extra.items()}}
+                        for f, extra in zip(fields, self.extras)]
             items.append({"index": i, "q_ids": text.q_ids, "s_ids": text.s_ids, "answer_start": text.answer_start, "teachers": teachers})
         return items
 
@@ -104,7 +117,7 @@ def collate(items: list[dict], pad_id: int) -> dict:
 
     Returns:
         dict with q_ids/q_mask (B, Tq), s_ids/s_mask (B, Ts), answer_start (B,), index (B,),
-        and ``teachers``: K dicts of stacked tensors (B, ...).
+        and ``teachers``: K dicts of stacked tensors (B, ...), one per field of the items.
     """
     B = len(items)
     Tq = max(len(it["q_ids"]) for it in items)
@@ -120,7 +133,7 @@ def collate(items: list[dict], pad_id: int) -> dict:
         s_ids[b, : len(s)] = torch.tensor(s)
         s_mask[b, : len(s)] = 1
     K = len(items[0]["teachers"])
-    teachers = [{name: torch.stack([it["teachers"][k][name] for it in items]) for name in TEACHER_FIELDS} for k in range(K)]
+    teachers = [{name: torch.stack([it["teachers"][k][name] for it in items]) for name in items[0]["teachers"][k]} for k in range(K)]
     return {
         "index": torch.tensor([it["index"] for it in items]),
         "q_ids": q_ids,

@@ -13,6 +13,7 @@ import dataclasses
 import json
 
 from kvkd.config import ConfigError, DataSelection, RuntimeArgs, group, opt, override
+from kvkd.train.losses import FUSIONS, KV_WEIGHTINGS, LOSS_KINDS, loss_option_fields, terms  # noqa: F401  (re-exported)
 
 
 @group("optimiser")
@@ -52,34 +53,18 @@ class LoraArgs:
     lora_targets: str = opt("all-linear", help="LoRA target modules: all-linear or comma-separated module names")
 
 
-FUSIONS = ("loss", "target")
-KV_WEIGHTINGS = ("none", "importance")
-LOSS_KINDS = ("smooth_l1", "mse")
+def _loss_args() -> type:
+    """The ``losses`` group, built from the registered distillation terms: each term module
+    (``kvkd/train/losses/*.py``) declares its weight and options with :func:`kvkd.config.opt`,
+    so a new term brings its flags without an edit here."""
+    fields = loss_option_fields()
+    doc = ["Weights and forms of the distillation terms: ``CE + " + " + ".join(f"{t.weight} L_{t.name}" for t in terms()) + "``.", "", "Attributes:"]
+    doc += [f"    {name}: {f.metadata['help']}." for name, _, f in fields]
+    ns = {"__annotations__": {name: tp for name, tp, _ in fields}, **{name: f for name, _, f in fields}, "__doc__": "\n".join(doc), "__module__": __name__}
+    return group("losses")(type("LossArgs", (), ns))
 
 
-@group("losses")
-class LossArgs:
-    """Weights and forms of the distillation terms: ``CE + a1 L_CODI + a2 L_KV + a3 L_CKA``.
-
-    Attributes:
-        a1: weight of CODI's hidden-state loss; a2: weight of KaVa's KV loss (KaVa: 10 and 1);
-            a3: weight of the CKA loss on boundary hidden states (0 = off).
-        kv_loss, hidden_loss: ``smooth_l1`` or ``mse``.
-        kv_weighting: ``none`` or ``importance`` (each slot's KV error weighted by the cached
-            answer->CoT attention importance, rescaled to mean 1 per sample).
-        std_norm: per-layer teacher-std normalisation of both distillation losses.
-        fusion: ``loss`` (weighted sum of per-teacher losses) or ``target`` (weighted sum of the
-            projected teacher tensors, then one loss).
-    """
-
-    a1: float = opt(10.0, help="Weight of CODI's hidden-state loss")
-    a2: float = opt(1.0, help="Weight of KaVa's KV loss")
-    a3: float = opt(0.0, help="Weight of the CKA loss on boundary hidden states (0 = off)")
-    kv_loss: str = opt("smooth_l1", help="KV loss: smooth_l1 (p=1) or mse (p=2)", choices=LOSS_KINDS)
-    hidden_loss: str = opt("smooth_l1", help="CODI loss: smooth_l1 or mse", choices=LOSS_KINDS)
-    kv_weighting: str = opt("none", help="KV loss per-slot weights: none or importance (cached answer->CoT attention)", choices=KV_WEIGHTINGS)
-    std_norm: bool = opt(True, help="Per-layer teacher-std normalisation of the distillation losses")
-    fusion: str = opt("loss", help="Teacher fusion: loss (weighted per-teacher losses) or target (weighted projected targets, one loss)", choices=FUSIONS)
+LossArgs = _loss_args()
 
 
 @group("loader")
@@ -162,6 +147,20 @@ class TrainConfig(DataSelection, OptimArgs, LossArgs, LoraArgs, LoaderArgs, Runt
             indices (``row_weights`` in ``log.jsonl``; rank 0's rows under DeepSpeed).
         deepspeed: DeepSpeed JSON config path (ZeRO 1/2/3, offload, bf16); empty = one process
             without DeepSpeed. See ``kvkd.train.engines``.
+        fresh: delete the folder's checkpoints, log, summary and config and start over (without
+            it a folder with checkpoints resumes, and only ``RESUMABLE_OPTIONS`` of
+            ``kvkd.train.rundir`` may differ from its ``config.json``).
+        report_to: sinks besides ``log.jsonl`` (``kvkd.train.sinks``): ``none``, ``tensorboard``,
+            ``wandb``, ``trackio``, comma-separated.
+        max_nonfinite_steps: steps with a NaN/inf loss or gradient skipped (no update, counted
+            in the log) before training stops with an error; 0 = stop at the first.
+        eval_data: an evaluation set (file, or folder: its ``test`` split or only split); training
+            is refused before it starts if any eval question (normalised text) or id is among
+            the training rows (``kvkd.eval.overlap``). Empty = no check.
+        valid_data, valid_every, valid_limit: held-out rows scored (gold-answer NLL) every
+            ``valid_every`` steps and at the last step, logged as ``valid_nll``; the best
+            checkpoint by it is kept in ``RUN/best`` (see ``kvkd.eval.validation``). Rows among
+            the training rows or the eval set are refused.
     """
 
     caches: list[str] = opt(factory=list, cli="cache", help="A teacher cache (path or URL); repeat for several teachers")
@@ -183,6 +182,13 @@ class TrainConfig(DataSelection, OptimArgs, LossArgs, LoraArgs, LoaderArgs, Runt
     save_every: int = opt(50, help="Steps between checkpoints (0 = at the end only)")
     keep_checkpoints: int = opt(2, help="Newest checkpoints kept")
     deepspeed: str = opt("", help="DeepSpeed JSON config (ZeRO 1/2/3, offload, bf16; e.g. kvkd/configs/ds_zero2.json); launch with deepspeed or torchrun")
+    fresh: bool = opt(False, cli="fresh/no-fresh", help="Start the run over: delete the run folder's checkpoints, log, summary and config first (otherwise a run folder resumes)")
+    report_to: str = opt("none", help="Also report every step to: none, tensorboard (RUN/tensorboard), wandb, trackio; comma-separated for several (log.jsonl is always written)")
+    max_nonfinite_steps: int = opt(3, help="Steps with a NaN/inf loss or gradient that are skipped (no update) before training stops with an error (0 = stop at the first)")
+    eval_data: str = opt("", help="Evaluation set (file, or folder: its test split) checked before training: refused if any of its questions is among the training rows")
+    valid_data: str = opt("", help="Held-out validation rows (file, or folder: its valid split): gold-answer NLL logged as valid_nll, best checkpoint kept in RUN/best")
+    valid_every: int = opt(0, help="Steps between validations on --valid-data (0 = at the last step only)")
+    valid_limit: int | None = opt(200, help="Validation rows used at most (none = all)")
 
     def __post_init__(self):
         if self.router_weights is not None:  # one place for fixed weights: the router's options

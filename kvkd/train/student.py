@@ -61,6 +61,8 @@ class StudentOutput:
         keys: (B, L, H_kv, M, D) pre-RoPE keys at the latent positions z_1..z_M.
         values: (B, L, H_kv, M, D) values at z_1..z_M.
         features: (B, d) last-layer boundary hidden state, detached (router input).
+        latents: (B, M, d) the continuous thoughts z_1..z_M (the projected hidden states fed
+            back as input embeddings), with their graph; e.g. decoded by SIM-CoT's term.
     """
 
     ce: torch.Tensor
@@ -70,6 +72,7 @@ class StudentOutput:
     keys: torch.Tensor
     values: torch.Tensor
     features: torch.Tensor
+    latents: torch.Tensor | None = None
 
 
 class LatentStudent(nn.Module):
@@ -140,12 +143,13 @@ class LatentStudent(nn.Module):
         )
 
     # ----------------------------------------------------------------- latent mode
-    def think(self, q_ids: torch.Tensor, q_mask: torch.Tensor, capture_kv: bool = False):
+    def think(self, q_ids: torch.Tensor, q_mask: torch.Tensor, capture_kv: bool = False, latents_out: list | None = None):
         """Read ``Q <bot>`` and produce M continuous thoughts.
 
         Args:
             q_ids: (B, Tq) left-padded question ids; q_mask: (B, Tq) 1 on real tokens.
             capture_kv: also return the pre-RoPE keys and values at z_1..z_M.
+            latents_out: if given, the M thoughts z_1..z_M ((B, 1, d) each) are appended to it.
         Returns:
             (cache, mask (B, Tq+1+M), next_position (B,), keys, values) where keys/values are
             (B, L, H_kv, M, D) or None.
@@ -166,6 +170,8 @@ class LatentStudent(nn.Module):
         try:
             for _ in range(self.num_latents):
                 z = self.projection(h.float())  # (B, 1, d)
+                if latents_out is not None:
+                    latents_out.append(z)
                 mask = torch.cat([mask, mask.new_ones(B, 1)], 1)  # full 2D mask [B, past + 1]
                 pos = pos + 1
                 h = self._run(z, mask, pos, cache).last_hidden_state
@@ -192,7 +198,8 @@ class LatentStudent(nn.Module):
             StudentOutput.
         """
         B, Ts = s_ids.shape
-        cache, mask, next_pos, keys, values = self.think(q_ids, q_mask, capture_kv=True)
+        thoughts: list[torch.Tensor] = []
+        cache, mask, next_pos, keys, values = self.think(q_ids, q_mask, capture_kv=True, latents_out=thoughts)
         embeds = torch.cat([self.eot.to(self.base.dtype).expand(B, 1, -1), self.embed(s_ids)], 1)  # (B, Ts+1, d)
         full_mask = torch.cat([mask, mask.new_ones(B, 1), s_mask], 1)
         positions = next_pos[:, None] + torch.arange(Ts + 1, device=s_ids.device)[None]
@@ -218,6 +225,7 @@ class LatentStudent(nn.Module):
             keys=keys.float(),
             values=values.float(),
             features=hidden[:, -1].detach(),
+            latents=torch.cat(thoughts, 1),
         )
 
     @torch.no_grad()

@@ -1,12 +1,17 @@
 """``kvkd train``: the training recipe (one readable loop that owns checkpoints and logs).
 
-    loss = CE(answer | Q, latents) + sum_k w[:, k] * (a1 * L_CODI_k + a2 * L_KV_k)  (+ router aux)
+    loss = CE(answer | Q, latents) + sum_k w[:, k] * sum_t a_t L_t,k  (+ router aux)
 
-with ``w = router(signals)`` per sample (docs/design.md, section 4). Teachers are only ever read
-from their caches. The run folder holds ``config.json`` (resolved options), ``log.jsonl``
-(one line per step: every loss term per teacher, router weights, lr, timing),
-``checkpoints/step-N/`` (safetensors weights + optimiser state + ``state.json``) and
-``summary.json``. A run resumes from its newest checkpoint.
+with ``w = router(signals)`` per sample (docs/design.md, section 4) and the distillation terms t
+the plug-ins of ``kvkd.train.losses`` (``codi`` a1, ``kv`` a2, ``cka`` a3, ``simcot`` a4, ...);
+one step is ``kvkd.train.step.distill_step``. Teachers are only ever read from their caches.
+A run is :func:`prepare` (check options, lock the folder, build the trainee and engine, load the
+newest checkpoint) then :func:`fit` (the loop); :func:`train` is both.
+The run folder (:class:`kvkd.train.rundir.RunDir`) holds ``config.json`` (resolved options and
+provenance), ``log.jsonl`` (one line per step: every loss term per teacher, router weights, lr,
+timing), ``checkpoints/step-N/`` (safetensors weights + optimiser state + ``state.json``) and
+``summary.json`` (from the whole log). A run resumes from its newest checkpoint, with the
+options it was started with (``--steps`` may grow); ``--fresh`` starts it over.
 
 The optimiser step, device placement and checkpoint files belong to an engine
 (``kvkd.train.engines``): one process, or DeepSpeed ZeRO over ranks (``--deepspeed``), where
@@ -16,58 +21,74 @@ each rank reads its rows of every global batch and rank 0 alone writes the run f
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, field
+import warnings
+from dataclasses import asdict, dataclass, field, make_dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file
 from torch.utils.data import DataLoader
 
 from kvkd.cache.compat import check_compatible, check_same_tokenizer, get_field
 from kvkd.cache.errors import CacheMismatchError
 from kvkd.cache.reader import CacheReader
+from kvkd.config import cli_options
 from kvkd.data import dataset_fingerprint, load_examples
+from kvkd.eval.overlap import refuse_overlap
+from kvkd.eval.validation import Validator
 from kvkd.models import load_model, tokenizer_identity
 from kvkd.prompts import PromptTemplate
 from kvkd.train.align import Shape, TeacherAligner, layer_map, layer_maps_per_teacher
 from kvkd.train.engines import build_engine, check_batches_split, rank_rows, to_device
 from kvkd.train.loader import DistillDataset, collate
-from kvkd.train.options import FUSIONS, KV_WEIGHTINGS, TrainConfig
-from kvkd.train.losses import cka_loss, codi_loss, kv_loss
-from kvkd.train.routers import RouterInputs, build_router
+from kvkd.train.losses import FUSIONS, teacher_extras, terms
+from kvkd.train.options import TrainConfig
+from kvkd.train.routers import build_router
+from kvkd.train.sinks import LatentNorms, Sinks, parse_report_to
+from kvkd.train.rundir import RESUMABLE_OPTIONS, NonFiniteError, RunDir, RunFolderError, changed_options, provenance
+from kvkd.train.step import Trainee, _fuse, _parameter_grads, _per_sample_grads, align_teachers, distill_step, fuse_teachers  # noqa: F401  (re-exported)
 from kvkd.train.student import LatentStudent, add_latent_tokens
 from kvkd.train.teacher_records import describe_teachers, fit_samples, needs_fit
 
 
-@dataclass
-class StepLog:
-    """One training step as logged (``log.jsonl``)."""
+def _step_log_class():
+    """:class:`StepLog` with one field per registered distillation term (its name: a list of K
+    per-teacher batch means), so ``log.jsonl`` keeps one flat key per term (``codi``, ``kv``,
+    ``cka``, ...) and a new term needs no edit here."""
+    names = [cls.name for cls in terms()]
+    fields = [("step", int), ("loss", float), ("ce", float), ("answer_nll", float), *[(n, list[float]) for n in names],
+              ("terms", list[str]), ("weights", list[float]), ("fused", float | None), ("router", dict), ("lr", float),
+              ("step_s", float), ("examples_per_s", float),
+              ("skipped", str | None, field(default=None)),  # "non-finite loss" / "non-finite gradient": no update this step
+              ("latent_norm", float | None, field(default=None)),  # mean L2 norm of this step's latent thoughts z (this rank's)
+              ("embedding_norm", float | None, field(default=None)),  # mean L2 norm of the token-embedding rows (for comparison)
+              ("valid_nll", float | None, field(default=None)),  # --valid-data: validation gold-answer NLL after this step
+              ("row_weights", dict | None, field(default=None))]  # --log-row-weights: {rows: [B], weights: [B][K]} (rank 0's rows)
+    doc = ("One training step as logged (``log.jsonl``): the total loss and CE, the gold-answer NLL (nats/token), one list "
+           f"of per-teacher values per distillation term ({', '.join(names)}; zeros when a term is off), ``terms`` (those "
+           "names), the router's mean weights, the fused term under --fusion target, router stats, lr and timing.")
+    cls = make_dataclass("StepLog", fields, namespace={"__doc__": doc})
+    cls.__module__ = __name__
+    return cls
 
-    step: int
-    loss: float
-    ce: float
-    answer_nll: float
-    codi: list[float]
-    kv: list[float]
-    cka: list[float]
-    weights: list[float]
-    fused: float | None
-    router: dict
-    lr: float
-    step_s: float
-    examples_per_s: float
-    row_weights: dict | None = None  # --log-row-weights: {rows: [B], weights: [B][K]} (rank 0's rows)
+
+
+StepLog = _step_log_class()
 
 
 @dataclass
 class TrainSummary:
-    """What a run did (the CLI prints it); ``examples_per_s`` = examples / summed step time."""
+    """What a run did (the CLI prints it), computed from the whole log (resumes included):
+    ``steps`` done, ``final_loss``/``final_ce`` of the last updating step, ``mean_weights`` per
+    teacher and ``mean_step_s`` over every step, ``examples_per_s`` = examples / summed step
+    time (``train_s``); ``steps_run`` = steps this call trained (0: the run was finished),
+    ``resumed_from`` = steps done before it; ``wall_s`` = this call's wall time."""
 
     run_dir: str
     steps: int
@@ -79,6 +100,9 @@ class TrainSummary:
     examples_per_s: float
     teachers: list[str]
     mean_weights: list[float]
+    steps_run: int = 0
+    skipped_steps: int = 0
+    train_s: float = 0.0
 
 
 def build_student(spec: str, latents: int, cfg: TrainConfig, template: PromptTemplate = PromptTemplate()) -> LatentStudent:
@@ -91,7 +115,9 @@ def build_student(spec: str, latents: int, cfg: TrainConfig, template: PromptTem
         from peft import LoraConfig, get_peft_model
 
         targets = cfg.lora_targets if cfg.lora_targets == "all-linear" else [t.strip() for t in cfg.lora_targets.split(",")]
-        lm = get_peft_model(lm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM"))
+        with warnings.catch_warnings():  # peft reads the deprecated `is_gradient_checkpointing` property itself (peft_model.py)
+            warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
+            lm = get_peft_model(lm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets, task_type="CAUSAL_LM"))
     else:
         for p in lm.parameters():
             p.requires_grad_(True)
@@ -117,6 +143,8 @@ def open_teachers(cfg: TrainConfig) -> tuple[list[CacheReader], list[dict]]:
     if not cfg.caches:
         raise ValueError("no teacher cache given: pass --cache PATH (repeat it for several teachers)")
     readers = [CacheReader.open(url) for url in cfg.caches]
+    for reader in readers:
+        reader.check_shards()  # deleted/emptied/truncated shard files refused before anything is created
     named = [(url, r.metadata) for url, r in zip(cfg.caches, readers)]
     check_compatible(named, fields=("dataset.fingerprint", "compression.slots", "prompt"))
     if cfg.require_same_tokenizer:
@@ -142,8 +170,11 @@ def load_training_examples(cfg: TrainConfig, meta: dict):
         split=cfg.split if cfg.data else ds.get("split"),
         fmt=cfg.data_format if cfg.data else ds.get("format", "auto"),
         offset=cfg.offset if cfg.offset is not None else ds.get("offset", 0),
-        limit=cfg.limit if cfg.limit is not None else ds["rows"],
+        limit=cfg.limit if cfg.limit is not None else ds.get("selected_rows", ds["rows"]),
+        on_bad_row="report" if ds.get("on_bad_row") == "skip" else "raise",  # the rows extraction skipped
     )
+    left_out = set(ds.get("too_long_ids", []))  # rows extraction left out as too long for the teacher
+    res.examples = [ex for ex in res.examples if ex.id not in left_out]
     if dataset_fingerprint(res.examples) != ds["fingerprint"]:
         raise CacheMismatchError(
             f"dataset.fingerprint: the training rows ({source}, offset {cfg.offset if cfg.offset is not None else ds.get('offset', 0)}, "
@@ -165,163 +196,9 @@ def _batches(n: int, batch_size: int, seed: int, start_step: int, steps: int):
         yield perm[pos * batch_size : (pos + 1) * batch_size]
 
 
-class Trainee(torch.nn.Module):
-    """Everything that trains: the latent student, one aligner per teacher, the router."""
-
-    def __init__(self, student: LatentStudent, aligners: list[TeacherAligner], router):
-        super().__init__()
-        self.student = student
-        self.aligners = torch.nn.ModuleList(aligners)
-        self.router = router
-
-    def forward(self, batch: dict, cfg: "TrainConfig", step: int):
-        """:func:`distill_step` on this trainee (so an engine wrapping the whole trainee runs it)."""
-        return distill_step(self, batch, cfg, step)
-
-    def checkpoint_state(self) -> dict[str, torch.Tensor]:
-        """Trainable parameters + router buffers, by name (what a checkpoint stores)."""
-        state = {f"student.{k}": v for k, v in self.student.trainable_state().items()}
-        state.update({f"aligners.{k}": v for k, v in self.aligners.state_dict().items()})
-        state.update({f"router.{k}": v for k, v in self.router.state_dict().items()})
-        return {k: v.detach().contiguous().clone() for k, v in state.items()}
-
-    def load_checkpoint_state(self, state: dict[str, torch.Tensor]) -> None:
-        own = dict(self.named_parameters())
-        for k, v in state.items():
-            if k.startswith("student."):
-                if k not in own:
-                    raise KeyError(f"checkpoint tensor {k} does not belong to this student (LoRA settings changed?)")
-                with torch.no_grad():
-                    own[k].copy_(v)
-        self.aligners.load_state_dict({k[9:]: v for k, v in state.items() if k.startswith("aligners.")})
-        self.router.load_state_dict({k[7:]: v for k, v in state.items() if k.startswith("router.")})
-
-
-def _per_sample_grads(losses: torch.Tensor, outputs: list[torch.Tensor]) -> torch.Tensor:
-    """(B, K) per-teacher losses -> (B, K, P) gradients w.r.t. the student's outputs.
-
-    A sample's loss depends only on that sample's outputs, so the gradient of the batch sum
-    holds every sample's own gradient; one cheap backward through the loss graph per teacher.
-    """
-    B, K = losses.shape
-    per_teacher = []
-    for k in range(K):
-        gs = torch.autograd.grad(losses[:, k].sum(), outputs, retain_graph=True, allow_unused=True)
-        per_teacher.append(torch.cat([(torch.zeros_like(o) if g is None else g).reshape(B, -1) for g, o in zip(gs, outputs)], 1))
-    return torch.stack(per_teacher, 1).float()
-
-
-def _parameter_grads(losses: torch.Tensor, params: list[torch.Tensor]) -> torch.Tensor:
-    """(B, K) per-teacher losses -> (1, K, P) gradients of each teacher's batch loss w.r.t. the
-    trainable parameters (one backward pass through the student per teacher)."""
-    per_teacher = []
-    for k in range(losses.shape[1]):
-        gs = torch.autograd.grad(losses[:, k].mean(), params, retain_graph=True, allow_unused=True)
-        per_teacher.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(gs, params)]))
-    return torch.stack(per_teacher)[None].float()
-
-
-def _fuse(tensors: list[torch.Tensor], weights: torch.Tensor, valid: list[torch.Tensor] | None = None):
-    """Weighted target ``sum_k w_k T_k`` per sample.
-
-    Args:
-        tensors: K tensors (B, ...); weights: (B, K); valid: optional K bool masks broadcastable
-            to the tensors (empty slots): weights are renormalised over the teachers with a valid
-            entry there.
-    Returns:
-        (fused (B, ...), fused validity or None).
-    """
-    w = weights.float()
-    shape = (-1,) + (1,) * (tensors[0].dim() - 1)
-    if valid is None:
-        return sum(w[:, k].view(shape) * t.float() for k, t in enumerate(tensors)), None
-    wv = [w[:, k].view(shape[:-1]) * v.float() for k, v in enumerate(valid)]  # (B, L, H, M) each
-    denom = sum(wv)
-    fused = sum(x[..., None] * t.float() for x, t in zip(wv, tensors)) / denom.clamp(min=1e-12)[..., None]
-    return fused, denom > 0
-
-
-def distill_step(trainee: Trainee, batch: dict, cfg: TrainConfig, step: int):
-    """Forward one batch; returns (loss, StepLog fields except timing).
-
-    Per teacher k (after its aligner maps it into the student's space): ``L_CODI_k`` and
-    ``L_KV_k`` per sample (the KV error optionally weighted by the cached slot importances),
-    ``L_CKA_k`` per batch. The router weighs them (``w``, (B, K)); fusion ``loss`` trains on
-    ``sum_k w_k (a1 L_CODI_k + a2 L_KV_k)`` and ``a3 sum_k mean_b(w_k) L_CKA_k``; fusion
-    ``target`` fuses the projected teacher tensors ``sum_k w_k P_k(T_k)`` first and computes
-    each loss once against the fused target.
-    """
-    out = trainee.student(batch["q_ids"], batch["q_mask"], batch["s_ids"], batch["s_mask"], batch["answer_start"])
-    weighted = cfg.kv_weighting == "importance"
-    hid, keys, vals, valid, slot_w = [], [], [], [], []
-    codi_terms, kv_terms, cka_terms, feats, nlls = [], [], [], [], []
-    for aligner, t in zip(trainee.aligners, batch["teachers"]):
-        hid.append(aligner.hidden(t["hidden"]))  # (B, L_s+1, d_s)
-        keys.append(aligner.keys(t["keys"]))  # (B, L_s, H_s, M, D_s)
-        vals.append(aligner.values(t["values"]))
-        valid.append(aligner.slot_mask(t["slot_valid"]))  # (B, L_s, H_s, M)
-        slot_w.append(aligner.slot_weights(t["slot_importance"]) if weighted else None)
-        codi_terms.append(codi_loss(out.hidden, hid[-1], cfg.hidden_loss, cfg.std_norm))
-        kv_terms.append(kv_loss(out.keys, out.values, keys[-1], vals[-1], valid[-1], cfg.kv_loss, cfg.std_norm, slot_weights=slot_w[-1]))
-        cka_terms.append(cka_loss(out.hidden, hid[-1]) if cfg.a3 else out.ce.new_zeros(()))
-        feats.append(hid[-1][:, -1].detach())
-        nlls.append(t["answer_nll"].float() * t["answer_len"].float())  # nats of the whole answer: comparable across tokenizers
-    codi = torch.stack(codi_terms, 1)  # (B, K)
-    kv = torch.stack(kv_terms, 1)  # (B, K)
-    cka = torch.stack(cka_terms)  # (K,)
-    distill = cfg.a1 * codi + cfg.a2 * kv  # (B, K)
-
-    router = trainee.router
-    grads = None
-    if router.needs_grads and not distill.requires_grad:  # a1 = a2 = 0: no distillation gradient to look at
-        grads = distill.new_zeros(distill.shape[0] if router.needs_grads == "activation" else 1, distill.shape[1], 1)
-    elif router.needs_grads == "activation":
-        outputs = {"kv": [out.keys, out.values], "hidden": [out.hidden], "both": [out.keys, out.values, out.hidden]}[router.grad_space]
-        grads = _per_sample_grads(distill, outputs)
-    elif router.needs_grads == "parameter":
-        grads = _parameter_grads(distill, [p for p in trainee.student.parameters() if p.requires_grad])
-    inputs = RouterInputs(out.features, torch.stack(feats, 1), distill, torch.stack(nlls, 1).float(), step, out.sample_ce.detach(), grads, rows=batch["index"])
-    weights = router(inputs)  # (B, K)
-
-    fused = None
-    if cfg.fusion == "target":
-        f_hidden, _ = _fuse(hid, weights)
-        f_keys, f_valid = _fuse(keys, weights, valid)
-        f_vals, _ = _fuse(vals, weights, valid)
-        f_slot_w = _fuse([w.unsqueeze(-1) for w in slot_w], weights, valid)[0].squeeze(-1) if weighted else None
-        fused_distill = cfg.a1 * codi_loss(out.hidden, f_hidden, cfg.hidden_loss, cfg.std_norm) + cfg.a2 * kv_loss(
-            out.keys, out.values, f_keys, f_vals, f_valid, cfg.kv_loss, cfg.std_norm, slot_weights=f_slot_w
-        )  # (B,)
-        distill_term = fused_distill.mean()
-        cka_term = cfg.a3 * cka_loss(out.hidden, f_hidden) if cfg.a3 else 0.0
-        fused = float(fused_distill.detach().mean())
-    else:
-        distill_term = (weights * distill).sum(1).mean()
-        cka_term = cfg.a3 * (weights.mean(0) * cka).sum() if cfg.a3 else 0.0
-    loss = out.ce + distill_term + cka_term
-    aux = router.aux_loss(weights, inputs)
-    if aux is not None:
-        loss = loss + aux
-    logs = {
-        "loss": float(loss.detach()),
-        "ce": float(out.ce.detach()),
-        "answer_nll": float(out.answer_nll.detach().mean()),
-        "codi": codi.detach().mean(0).tolist(),
-        "kv": kv.detach().mean(0).tolist(),
-        "cka": cka.detach().tolist(),
-        "weights": weights.detach().mean(0).tolist(),
-        "fused": fused,
-        "router": dict(router.stats),
-    }
-    if cfg.log_row_weights:  # per-sample weights, e.g. to score routing against a planted truth
-        logs["row_weights"] = {"rows": batch["index"].tolist(), "weights": weights.detach().float().tolist()}
-    return loss, logs
-
-
 def latest_checkpoint(run: Path) -> Path | None:
     """Newest complete checkpoint folder of a run (``state.json`` is written last), or None."""
-    found = sorted(p for p in (run / "checkpoints").glob("step-*") if (p / "state.json").is_file()) if (run / "checkpoints").is_dir() else []
-    return found[-1] if found else None
+    return RunDir(run).latest_checkpoint()
 
 
 def build_trainee(cfg: TrainConfig, metas: list[dict]) -> Trainee:
@@ -369,14 +246,12 @@ def check_options(cfg: TrainConfig) -> None:
     """
     if cfg.fusion not in FUSIONS:
         raise ValueError(f"--fusion {cfg.fusion!r}: choose one of {FUSIONS}")
-    if cfg.kv_weighting not in KV_WEIGHTINGS:
-        raise ValueError(f"--kv-weighting {cfg.kv_weighting!r}: choose one of {KV_WEIGHTINGS}")
-    for name in ("a1", "a2", "a3"):
-        if getattr(cfg, name) < 0:
-            raise ValueError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    for term in terms():  # each term checks its own options (weight >= 0, choices)
+        term.check(cfg)
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise ValueError(f"--steps and --batch-size must be >= 1, got {cfg.steps} and {cfg.batch_size}")
     check_router_options(cfg.router, cfg.router_options, len(cfg.caches))
+    parse_report_to(cfg.report_to)
 
 
 def check_router_options(name: str, options: dict | None, num_teachers: int) -> None:
@@ -401,15 +276,106 @@ def check_router_options(name: str, options: dict | None, num_teachers: int) -> 
         raise ValueError(f"--router-weights gives {len(weights)} weights for {num_teachers} teacher caches: give one per --cache")
 
 
-def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) -> TrainSummary:
-    """Train a latent student against teacher caches; resumes from the newest checkpoint.
+@dataclass
+class Run:
+    """A prepared run (:func:`prepare`), what :func:`fit` trains.
 
-    With ``cfg.deepspeed`` every rank runs this function (launched by ``deepspeed`` or
-    ``torchrun``): each reads only its rows of every global batch; rank 0 alone writes the
-    config, the log, the summary and calls ``on_step`` (logged values are means over the
-    global batch).
+    Attributes:
+        cfg: the options (local paths made absolute).
+        dir: the run folder.
+        start: steps already done (the newest checkpoint's step; 0 for a new run).
+        finished: the folder already holds ``cfg.steps`` or more steps; :func:`fit` only reports it
+            (no model was loaded: ``trainee``, ``engine`` and ``dataset`` are None).
+    """
+
+    cfg: TrainConfig
+    dir: RunDir
+    start: int
+    finished: bool
+    trainee: Trainee | None = None
+    engine: object | None = None
+    dataset: DistillDataset | None = None
+    stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+
+    def close(self) -> None:
+        """Release the run folder's lock (:func:`fit` does it when it ends)."""
+        self.stack.close()
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
+def _is_local(spec: str) -> bool:
+    return bool(spec) and "://" not in spec and Path(spec).expanduser().exists()
+
+
+def absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with every local path (student, caches, data, DeepSpeed config, run folder) made
+    absolute, so a run folder is usable (eval, export, resume) from any working directory."""
+    absolute = lambda s: str(Path(s).expanduser().resolve()) if _is_local(s) else s  # noqa: E731
+    return dataclasses.replace(
+        cfg,
+        student=cfg.student if cfg.student == "smollm2" else absolute(cfg.student),
+        caches=[absolute(c) for c in cfg.caches],
+        data=absolute(cfg.data),
+        deepspeed=absolute(cfg.deepspeed),
+        out=str(Path(cfg.out).expanduser().resolve()) if cfg.out and "://" not in cfg.out else cfg.out,
+    )
+
+
+def check_resume(recorded: dict, cfg: TrainConfig) -> None:
+    """Refuse to resume a run with options that define another run.
 
     Raises:
+        kvkd.train.rundir.RunFolderError: names each differing option with both values, the
+            options that may change, and ``--fresh``.
+    """
+    flags = {s.name: "--" + s.cli_name for s in cli_options(TrainConfig)}
+    current = asdict(cfg)
+    if not cfg.latents:  # 0 = the caches' M, which config.json records as the number (the caches are compared)
+        current.pop("latents")
+    diff = changed_options(recorded, current, flags)
+    if diff:
+        may = ", ".join(flags.get(n, n) for n in RESUMABLE_OPTIONS if n in flags and n != "fresh")
+        raise RunFolderError(
+            f"run folder {cfg.out} holds a run with other options: {'; '.join(diff)}. Resume with the recorded options "
+            f"(only {may} may change), use another --out, or pass --fresh to start this folder over"
+        )
+
+
+def _record(cfg: TrainConfig, trainee: Trainee, engine, recorded: dict | None, done: int) -> dict:
+    """``config.json``: the resolved options, what the run derived from them, and provenance
+    (library versions and device; a resume appends its own to ``resumes``)."""
+    resolved = asdict(cfg)
+    resolved.pop("fresh")
+    resolved["teachers"] = trainee.teachers  # shapes, layer maps, projections, tokenizer shared or not
+    resolved["student_shape"] = {"num_layers": trainee.student.num_layers, "num_kv_heads": trainee.student.num_kv_heads, "head_dim": trainee.student.head_dim, "hidden_size": trainee.student.hidden_size}
+    resolved["student_tokenizer"] = {k: trainee.student.tokenizer_identity.get(k) for k in ("source", "vocab_size", "hash")}
+    resolved["latents"] = trainee.student.num_latents
+    resolved["layer_maps"] = [a.mapping.tolist() for a in trainee.aligners]
+    resolved["engine"] = asdict(engine.info)
+    here = provenance(engine.device)
+    if recorded is not None and done:
+        resolved["provenance"] = recorded.get("provenance", {})
+        resolved["resumes"] = recorded.get("resumes", []) + [{"from_step": done, "steps": cfg.steps, **here}]
+    else:
+        resolved["provenance"] = here
+    return resolved
+
+
+def prepare(cfg: TrainConfig) -> Run:
+    """Everything before the first step: check the options, lock the run folder, compare a
+    resume's options with ``config.json``, open the caches, build the trainee and engine, write
+    ``config.json`` and load the newest checkpoint.
+
+    A folder whose newest checkpoint already has ``cfg.steps`` steps is *finished*: nothing
+    is loaded and :func:`fit` reports it from its log. With ``cfg.fresh`` the folder's run is
+    deleted first. Rank 0 holds the folder's lock until :func:`fit` ends (or ``Run.close``).
+
+    Raises:
+        kvkd.train.rundir.RunFolderError: the folder is locked by another process, or holds a
+            run with other options (names each).
         kvkd.cache.errors.CacheMismatchError: caches disagree with each other or the data.
         ValueError: bad options (no caches, no run folder, latents != M, batch not splittable
             over the ranks, a checkpoint of the other engine).
@@ -417,40 +383,107 @@ def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) ->
     if not cfg.out:
         raise ValueError("no run folder given: pass --out RUN_DIR")
     check_options(cfg)
-    torch.manual_seed(cfg.seed)
-    run = Path(cfg.out)
-    readers, metas = open_teachers(cfg)
-    examples = load_training_examples(cfg, metas[0])
-    trainee = build_trainee(cfg, metas)  # same seed on every rank: identical initial weights
-    tok = trainee.student.tokenizer
-    if trainee.router.needs_dataset_nll:  # e.g. difficulty bins: cached NLL of every training row
-        trainee.router.prepare(torch.stack([torch.from_numpy(r.column("answer_nll") * r.column("answer_len")) for r in readers], 1))
-    if trainee.router.needs_training_rows:  # e.g. oracle weights per row, the student's likelihood of each trace
-        trainee.router.prepare_rows(examples, trainee.student, metas)
-    engine = build_engine(trainee, cfg)
-    check_batches_split(len(examples), cfg.batch_size, engine.world_size)
-    lead = engine.rank == 0
-    if lead:
-        run.mkdir(parents=True, exist_ok=True)
-        resolved = asdict(cfg)
-        resolved["teachers"] = trainee.teachers  # shapes, layer maps, projections, tokenizer shared or not
-        resolved["student_shape"] = {"num_layers": trainee.student.num_layers, "num_kv_heads": trainee.student.num_kv_heads, "head_dim": trainee.student.head_dim, "hidden_size": trainee.student.hidden_size}
-        resolved["student_tokenizer"] = {k: trainee.student.tokenizer_identity.get(k) for k in ("source", "vocab_size", "hash")}
-        resolved["latents"] = trainee.student.num_latents
-        resolved["layer_maps"] = [a.mapping.tolist() for a in trainee.aligners]
-        resolved["engine"] = asdict(engine.info)
-        (run / "config.json").write_text(json.dumps(resolved, indent=2))
-    engine.barrier()
+    cfg = absolute_paths(cfg)
+    rundir = RunDir(cfg.out)
+    readers, metas = open_teachers(cfg)  # read-only: a damaged cache is refused before the run folder exists
+    stack = contextlib.ExitStack()
+    try:
+        if _rank() == 0:
+            stack.enter_context(rundir.lock())
+            if cfg.fresh:
+                rundir.clear()
+            rundir.remove_partial()
+        recorded = rundir.read_config()
+        done = 0 if cfg.fresh else rundir.steps_done()
+        if recorded is not None and done:
+            check_resume(recorded, cfg)
+        if done >= cfg.steps:
+            return Run(cfg, rundir, done, True, stack=stack)
+        torch.manual_seed(cfg.seed)
+        examples = load_training_examples(cfg, metas[0])
+        refuse_overlap(examples, cfg.eval_data)  # eval questions among the training rows: refuse before training
+        trainee = build_trainee(cfg, metas)  # same seed on every rank: identical initial weights
+        if trainee.router.needs_dataset_nll:  # e.g. difficulty bins: cached NLL of every training row
+            trainee.router.prepare(torch.stack([torch.from_numpy(r.column("answer_nll") * r.column("answer_len")) for r in readers], 1))
+        if trainee.router.needs_training_rows:  # e.g. oracle weights per row, the student's likelihood of each trace
+            trainee.router.prepare_rows(examples, trainee.student, metas)
+        engine = build_engine(trainee, cfg)
+        check_batches_split(len(examples), cfg.batch_size, engine.world_size)
+        if engine.rank == 0:
+            rundir.write_config(_record(cfg, trainee, engine, recorded, done))
+        engine.barrier()
+        ckpt = rundir.latest_checkpoint()
+        start = engine.load(ckpt) if ckpt is not None else 0
+        tok = trainee.student.tokenizer
+        dataset = DistillDataset(examples, tok, cfg.caches, teacher_extras=teacher_extras(cfg, examples, metas, tok, trainee.student.num_latents))
+        return Run(cfg, rundir, start, False, trainee, engine, dataset, stack)
+    except BaseException:
+        stack.close()
+        raise
 
-    start = 0
-    ckpt = latest_checkpoint(run)
-    if ckpt is not None:
-        start = engine.load(ckpt)
-    dataset = DistillDataset(examples, tok, cfg.caches)
-    global_batches = list(_batches(len(dataset), cfg.batch_size, cfg.seed, start, cfg.steps))
+
+def summarise(run: Run, entries: list[dict], wall_s: float, steps_run: int) -> TrainSummary:
+    """The run's summary from its whole log (every step since step 1, resumes included); skipped
+    (non-finite) steps count in the time but not in the loss or the weights."""
+    good = [e for e in entries if not e.get("skipped")]
+    K = len(run.cfg.caches)
+    step_s = [e["step_s"] for e in entries]
+    examples = sum(e["examples_per_s"] * e["step_s"] for e in entries)
+    return TrainSummary(
+        run_dir=str(run.dir.path),
+        steps=max([e["step"] for e in entries] + [run.start]),
+        resumed_from=run.start,
+        wall_s=wall_s,
+        final_loss=good[-1]["loss"] if good else float("nan"),
+        final_ce=good[-1]["ce"] if good else float("nan"),
+        mean_step_s=sum(step_s) / len(step_s) if step_s else float("nan"),
+        examples_per_s=examples / sum(step_s) if step_s else float("nan"),
+        teachers=list(run.cfg.caches),
+        mean_weights=[sum(e["weights"][k] for e in good) / len(good) for k in range(K)] if good else [float("nan")] * K,
+        steps_run=steps_run,
+        skipped_steps=len(entries) - len(good),
+        train_s=sum(step_s),
+    )
+
+
+def fit(run: Run, on_step: Callable[[StepLog], None] | None = None) -> TrainSummary:
+    """Train a prepared run to ``cfg.steps`` (or report a finished one), then release its folder.
+
+    Each step logs one line (``log.jsonl``); a step whose loss or gradient is NaN/inf updates
+    nothing and is logged with ``skipped``; after more than ``cfg.max_nonfinite_steps`` of them
+    training stops (never checkpointing the diverged weights). With DeepSpeed every rank runs
+    this; rank 0 alone writes the log and summary and calls ``on_step`` (values are means over
+    the global batch).
+
+    Raises:
+        kvkd.train.rundir.NonFiniteError: too many non-finite steps, or weights that turned
+            NaN/inf at a checkpoint (nothing written for that step).
+        kvkd.train.rundir.RunFolderError: a write failed (e.g. disk full; names the path).
+    """
+    try:
+        return _fit(run, on_step)
+    finally:
+        run.close()
+
+
+def _fit(run: Run, on_step) -> TrainSummary:
+    cfg, rundir = run.cfg, run.dir
+    t0 = time.perf_counter()
+    if run.finished:
+        entries = rundir.read_log() if _rank() == 0 else []
+        summary = summarise(run, entries, time.perf_counter() - t0, steps_run=0)
+        if _rank() == 0:
+            rundir.write_summary(summary)
+        return summary
+    engine, start = run.engine, run.start
+    lead = engine.rank == 0
+    entries = rundir.truncate_log(start) if lead else []  # the steps the checkpoint covers; later ones are redone
+    skipped = sum(1 for e in entries if e.get("skipped"))
+    tok = run.trainee.student.tokenizer
+    global_batches = list(_batches(len(run.dataset), cfg.batch_size, cfg.seed, start, cfg.steps))
     shares = [rank_rows(rows, engine.rank, engine.world_size) for rows in global_batches]  # this rank's rows
     loader = DataLoader(
-        dataset,
+        run.dataset,
         batch_sampler=[rows for rows, _ in shares],
         collate_fn=functools.partial(collate, pad_id=tok.pad_token_id),  # picklable for spawn/forkserver workers
         num_workers=cfg.num_workers,
@@ -458,53 +491,70 @@ def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) ->
         persistent_workers=False,
     )
     engine.module.train()
-    t0 = time.perf_counter()
-    last = time.perf_counter()
-    step_times, logs, seen = [], None, 0
-    log_path = run / "log.jsonl"
-    if lead and log_path.exists():  # keep the steps the checkpoint covers; later ones are redone
-        kept = [line for line in log_path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= start]
-        log_path.write_text("".join(line + "\n" for line in kept))
-    weight_sums = torch.zeros(len(cfg.caches))
-    with open(log_path, "a") if lead else contextlib.nullcontext() as log:
+    last, saved = time.perf_counter(), start
+    norms = LatentNorms(run.trainee.student)
+    run.stack.callback(norms.close)
+    sinks = Sinks(parse_report_to(cfg.report_to) if lead else [], rundir.path, rundir.read_config() if lead else None)
+    run.stack.callback(sinks.close)
+    validator = Validator(cfg, run.dataset.examples, rundir.path)  # --valid-data: held-out rows, scored during training
+    with rundir.log_writer() if lead else contextlib.nullcontext(lambda entry: None) as write:
         for step, batch, (_, scale) in zip(range(start, cfg.steps), loader, shares):
             torch.manual_seed(cfg.seed * 100003 + step)  # dropout etc. reproducible on resume
             with engine.autocast():
                 loss, logs = engine(to_device(batch, engine.device), cfg, step)
             lr = engine.lr()  # the rate this step uses
-            engine.backward_step(loss * scale)
+            if engine.all_finite(loss):
+                why = None if engine.backward_step(loss * scale) else "non-finite gradient"
+            else:
+                engine.skip_step()
+                why = "non-finite loss"
             logs = _global_logs(engine, logs, len(batch["index"]))
             now = time.perf_counter()
-            entry = StepLog(step=step + 1, lr=lr, step_s=now - last, examples_per_s=len(global_batches[step - start]) / (now - last), **logs)
+            latent_norm, embedding_norm = norms.pop()
+            entry = StepLog(step=step + 1, lr=lr, step_s=now - last, examples_per_s=len(global_batches[step - start]) / (now - last), skipped=why,
+                            latent_norm=latent_norm, embedding_norm=embedding_norm, **logs)
             last = now
-            step_times.append(entry.step_s)
-            seen += len(global_batches[step - start])
-            weight_sums += torch.tensor(entry.weights)
+            if not why and validator.due(entry.step):
+                entry.valid_nll = validator(entry.step, run.trainee.student, engine)
+                last = time.perf_counter()  # validation time is not step time
             if lead:
-                log.write(json.dumps(asdict(entry)) + "\n")
-                log.flush()
-                if on_step and (entry.step % cfg.log_every == 0 or entry.step == cfg.steps):
-                    on_step(entry)
+                write(asdict(entry))
+                entries.append(asdict(entry))
+                sinks.log(asdict(entry))
+            if why:
+                skipped += 1
+                if skipped > cfg.max_nonfinite_steps:
+                    raise NonFiniteError(
+                        f"step {entry.step}: {why} (loss {entry.loss}, lr {lr:.3g}); {skipped} non-finite step(s), more than "
+                        f"--max-nonfinite-steps {cfg.max_nonfinite_steps}: training stopped, the newest checkpoint is step {saved}. "
+                        "The run diverged: lower --lr (or raise --warmup-steps) and start over with --fresh"
+                    )
+            if lead and on_step and (entry.step % cfg.log_every == 0 or entry.step == cfg.steps):
+                on_step(entry)
             if cfg.save_every and entry.step % cfg.save_every == 0 and entry.step < cfg.steps:
-                engine.save(run, entry.step, cfg.keep_checkpoints)
-    if cfg.steps > start:
-        engine.save(run, cfg.steps, cfg.keep_checkpoints)
-    summary = TrainSummary(
-        run_dir=str(run),
-        steps=cfg.steps,
-        resumed_from=start,
-        wall_s=time.perf_counter() - t0,
-        final_loss=logs["loss"] if logs else float("nan"),
-        final_ce=logs["ce"] if logs else float("nan"),
-        mean_step_s=sum(step_times) / len(step_times) if step_times else 0.0,
-        examples_per_s=seen / sum(step_times) if step_times else 0.0,
-        teachers=list(cfg.caches),
-        mean_weights=(weight_sums / max(1, len(step_times))).tolist(),
-    )
+                engine.save(rundir.path, entry.step, cfg.keep_checkpoints)
+                saved = entry.step
+    engine.save(rundir.path, cfg.steps, cfg.keep_checkpoints)
+    summary = summarise(run, entries, time.perf_counter() - t0, steps_run=cfg.steps - start)
     if lead:
-        (run / "summary.json").write_text(json.dumps(asdict(summary), indent=2))
+        rundir.write_summary(summary)
     engine.barrier()
     return summary
+
+
+def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) -> TrainSummary:
+    """Train a latent student against teacher caches: :func:`prepare` then :func:`fit`.
+
+    A run folder with checkpoints resumes from the newest (with the same options; ``--steps``
+    may grow); a finished one is reported, not retrained. With ``cfg.deepspeed`` every rank
+    runs this function (launched by ``deepspeed`` or ``torchrun``): each reads only its rows of
+    every global batch; rank 0 alone writes the config, the log, the summary and calls
+    ``on_step`` (logged values are means over the global batch).
+
+    Raises:
+        see :func:`prepare` and :func:`fit`.
+    """
+    return fit(prepare(cfg), on_step)
 
 
 def _global_logs(engine, logs: dict, rows: int) -> dict:
@@ -523,33 +573,40 @@ def _global_logs(engine, logs: dict, rows: int) -> dict:
     return out
 
 
-def load_run(run_dir: str | Path):
-    """Rebuild a run's trained student (for ``kvkd eval``) from its config and newest checkpoint.
+def load_run(run_dir: str | Path, trust_remote_code: bool = False):
+    """Rebuild a run's trained student (for ``kvkd eval``/``kvkd export``) from its config and
+    newest checkpoint.
 
     Only the student is rebuilt: the checkpoint's ``aligners.*`` (teacher projections) and
     ``router.*`` tensors are training-only and are not part of the exported student; no
     cache is opened, so a run evaluates without its teachers' caches.
 
+    Args:
+        run_dir: a ``kvkd train`` run folder.
+        trust_remote_code: let the student's checkpoint run its own Python code. Only the
+            caller decides: a ``trust_remote_code`` recorded in the folder's ``config.json`` is
+            ignored (a folder received from someone else must not run code by itself).
     Returns:
         (LatentStudent in eval mode, resolved config dict).
     Raises:
         FileNotFoundError: no config.json or no checkpoint in the folder.
+        kvkd.train.rundir.NonFiniteError: the checkpoint holds NaN/inf weights.
     """
-    run = Path(run_dir)
-    if not (run / "config.json").is_file():
-        raise FileNotFoundError(f"{run} has no config.json: is it a `kvkd train` run folder?")
-    resolved = json.loads((run / "config.json").read_text())
-    known = {f for f in TrainConfig.__dataclass_fields__}
-    cfg = TrainConfig(**{k: v for k, v in resolved.items() if k in known})
-    ckpt = latest_checkpoint(run)
-    if ckpt is None:
-        raise FileNotFoundError(f"{run} has no checkpoint yet (checkpoints/step-*): train first")
+    rundir = RunDir(run_dir)
+    resolved = rundir.read_config()
+    if resolved is None:
+        raise FileNotFoundError(f"{rundir.path} has no config.json: is it a `kvkd train` run folder?")
+    known = {f for f in TrainConfig.__dataclass_fields__} - {"trust_remote_code"}
+    cfg = TrainConfig(**{k: v for k, v in resolved.items() if k in known}, trust_remote_code=trust_remote_code)
+    state, step = rundir.load_student_state()  # refused before any model loads if NaN/inf
     student = build_student(cfg.student, resolved["latents"], cfg)
-    state = load_file(str(ckpt / "trainable.safetensors"))
     own = dict(student.named_parameters())
-    for name, value in state.items():
-        if name.startswith("student."):
-            with torch.no_grad():
-                own[name[len("student."):]].copy_(value)
+    missing = sorted(set(state) - set(own))
+    if missing:
+        raise KeyError(f"checkpoint tensors {missing[:3]} of {rundir.path} do not belong to the student {cfg.student} (was it moved or changed?)")
+    with torch.no_grad():
+        for name, value in state.items():
+            own[name].copy_(value)
     student.eval()
+    resolved["checkpoint_step"] = step
     return student, resolved

@@ -27,7 +27,7 @@ def test_write_then_read_equal(url):
     for k in rows:
         np.testing.assert_array_equal(out[k], rows[k])
     attrs = reader.metadata
-    assert attrs["status"] == "complete" and attrs["schema_version"] == 1 and attrs["kvkd_version"] == "0.1.0"
+    assert attrs["status"] == "complete" and attrs["schema_version"] == 2 and attrs["kvkd_version"] == "0.1.0"
     assert attrs["dataset"]["fingerprint"] == "fp-1" and attrs["codec"]["name"] == "float32"
     assert attrs["layout"]["examples_per_shard"] == 4 and "created" in attrs and "completed" in attrs
     assert not (Path(url) / ".claims").exists()  # no claims left behind once complete

@@ -32,7 +32,7 @@ needs_data = pytest.mark.skipif(
         ("answer is 2.0", "2"),
         ("Final Answer: 42.", "42"),
         ("the answer is:\n\n42", "42"),
-        ("The final answer is $\\boxed{\\frac{1}{2}}$.", "0.5"),
+        ("The final answer is $\\boxed{\\frac{1}{2}}$.", "1/2"),
         ("Therefore the answer is \\boxed{1,\\!200}.", "1200"),
         ("The answer is \\boxed{50\\%}", "50"),
         ("Self-correction: the answer is 5. Wait, 2 + 4 = 6. The answer is 6.", "6"),
@@ -177,3 +177,131 @@ def test_wilson_interval_errors():
         wilson_interval(-1, 10)
     with pytest.raises(ValueError, match="z must be > 0"):
         wilson_interval(1, 10, z=0)
+
+
+# Hand-made rows of issue 15: (gold, model output, mode, correct?). Before the fix, numeric
+# mode read each gold answer as its first number (a "3" was right for "3:4") and math mode
+# handed math-verify the whole "The answer is: ..." sentence.
+HAND_MADE_ROWS = [
+    ("3:4", "The answer is: 3", "numeric", False),
+    ("3:4", "The answer is: 3:4", "numeric", True),
+    ("3:4", "The answer is: 6:8", "numeric", False),  # ratios compare part by part
+    ("3:30 p.m.", "The answer is: 3", "numeric", False),
+    ("3:30 p.m.", "The answer is: 3:45 pm", "numeric", False),
+    ("3:30 p.m.", "The answer is: 3:30 PM.", "numeric", True),
+    ("3:30 p.m.", "The answer is: 15:30", "numeric", True),
+    ("3:30 p.m.", "The answer is: 3:30 am", "numeric", False),
+    ("6th", "The answer is: 6", "numeric", True),
+    ("6th", "The answer is: 7th", "numeric", False),
+    ("3/4", "The answer is: 3", "numeric", False),
+    ("3/4", "The answer is: 0.75", "numeric", True),
+    ("3/4", "The answer is: 6/8", "numeric", True),
+    ("1 1/2", "The answer is: 1", "numeric", False),
+    ("1 1/2", "The answer is: 3/2", "numeric", True),
+    ("1 1/2", "The answer is: 1.5 cups", "numeric", True),
+    ("-1 1/2", "The answer is: -1.5", "numeric", True),
+    ("65", "The answer is: 18 + 47 = 65", "numeric", True),
+    ("18", "The answer is: 18 + 47 = 65", "numeric", False),
+    ("\\frac{14}{3}", "The answer is: 14", "numeric", False),
+    ("\\frac{14}{3}", "The answer is: 14/3", "numeric", True),
+    ("2, 3", "The answer is: 2, 3", "math", True),
+    ("p - q", "The answer is: p - q", "math", True),
+    ("\\text{Evelyn}", "The answer is: \\text{Evelyn}", "math", True),
+    ("[2,5)", "The answer is: [2, 5).", "math", True),
+    ("\\frac{14}{3}", "The answer is: \\frac{14}{5}", "math", False),
+]
+
+
+@pytest.mark.parametrize("gold, output, mode, expected", HAND_MADE_ROWS)
+def test_hand_made_rows(gold, output, mode, expected):
+    from kvkd.eval.answers import score_answer
+
+    assert score_answer(output, gold, mode).correct is expected
+
+
+@pytest.mark.parametrize(
+    "text, kind, canonical, value",
+    [
+        ("1,200", "number", "1200", 1200),
+        ("$-12.50.", "number", "-12.5", -12.5),
+        ("50%", "number", "50", 50),
+        ("3/4", "fraction", "3/4", 0.75),
+        ("\\frac{14}{3}", "fraction", "14/3", 14 / 3),
+        ("-3/4", "fraction", "-3/4", -0.75),
+        ("1 1/2", "mixed", "1 1/2", 1.5),
+        ("6th", "ordinal", "6th", 6),
+        ("22nd", "ordinal", "22nd", 22),
+        ("3:4", "ratio", "3:4", None),
+        ("2 : 3 : 5", "ratio", "2:3:5", None),
+        ("3:30 p.m.", "time", "3:30 pm", 15 * 60 + 30),
+        ("12:05 AM", "time", "12:05 am", 5),
+        ("13:30 pm", "other", "13:30 pm", None),  # no such 12-hour time
+        ("3/0", "other", "3/0", None),
+        ("18 + 47", "other", "18 + 47", None),
+        ("\\text{Evelyn}", "other", "\\text{Evelyn}", None),
+        ("x^2 + 1", "other", "x^2 + 1", None),
+    ],
+)
+def test_parse_answer(text, kind, canonical, value):
+    from kvkd.eval.answers import parse_answer
+
+    a = parse_answer(text)
+    assert (a.kind, a.text) == (kind, canonical)
+    if value is not None:
+        assert float(a.value) == pytest.approx(value)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("The answer is 3:4.", "3:4"),
+        ("The answer is: 1 1/2 cups", "1 1/2"),
+        ("The answer is: 3:30 p.m.", "3:30 pm"),
+        ("He finished 6th. The answer is 6th", "6th"),
+        ("The answer is: 18 + 47 = 65", "65"),
+        ("The answer is 10. Then 3 + 4 = 7", "10"),  # the equation after the sentence is not the answer
+        ("Step 1: 5 apples and 2 pears", "2"),  # "1: 5" is no ratio
+        ("She ate 3/4 of it", "3/4"),
+    ],
+)
+def test_extract_answer_keeps_answers_whole(text, expected):
+    assert extract_answer(text) == expected
+
+
+def test_answer_span_drops_the_prefix():
+    from kvkd.eval.answers import answer_span
+
+    assert answer_span("The answer is: 2, 3") == "2, 3"
+    assert answer_span("so \\boxed{\\frac{1}{2}}. The answer is: 7") == "\\frac{1}{2}"
+    assert answer_span("The answer is:\n  x = 5.") == "x = 5"
+    assert answer_span("no marker here") == "no marker here"
+
+
+def test_score_answer_statuses(monkeypatch):
+    from kvkd.eval.answers import score_answer
+
+    assert score_answer("The answer is: forty", "40").status == "no_answer"
+    assert score_answer("The answer is: 40", "40") == score_answer("#### 40", "40.0")
+    assert score_answer("", "\\frac{1}{2}", "math").status == "no_answer"
+    assert score_answer("The answer is: \\frac{1}{2}", "0.5", "math").status == "compared"
+    import math_verify
+
+    monkeypatch.setattr(math_verify, "parse", lambda *a, **k: [])  # nothing parses: strings compared, and said so
+    v = score_answer("The answer is: \\text{ Evelyn }", "Evelyn", "math")
+    assert (v.correct, v.status) == (True, "unparsed")
+    with pytest.raises(ValueError, match="mode='math'"):
+        score_answer("The answer is: 3", "\\text{Evelyn}")  # never its first number
+    with pytest.raises(ValueError, match="mode='math'"):
+        score_answer("no answer", "\\text{Evelyn}")
+
+
+def test_check_gold_answers_names_rows_before_generation():
+    from kvkd.data import DataError
+    from kvkd.eval.answers import check_gold_answers
+
+    golds = [("a", "3/4"), ("b", "3:4"), ("c", "12"), ("d", "1 1/2"), ("e", "3:30 p.m."), ("f", "6th")]
+    assert check_gold_answers(golds, "numeric") == {"number": 1, "fraction": 1, "mixed": 1, "ordinal": 1, "ratio": 1, "time": 1}
+    bad = golds + [(f"m{i}", f"\\sqrt{{{i}}}") for i in range(7)]
+    with pytest.raises(DataError, match=r"7 of 13 gold answers .* m0 \('\\\\sqrt\{0\}'\).* and 2 more.*--answer-check math"):
+        check_gold_answers(bad, "numeric", "rows.jsonl")
+    assert check_gold_answers(bad, "math")["other"] == 7  # math-verify reads them

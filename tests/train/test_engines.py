@@ -201,7 +201,7 @@ def test_zero3_two_ranks_resume_export_and_eval(deepspeed_cpu, caches, tiny_stud
     lm = AutoModelForCausalLM.from_pretrained(out)  # a plain Hugging Face folder (LoRA merged)
     assert not any("lora" in name for name, _ in lm.named_parameters())
     data = caches[1]
-    by_run = evaluate(EvalConfig(run=str(run), data=str(data), limit=4, batch_size=4, out=str(tmp_path / "a.jsonl")))
-    by_export = evaluate(EvalConfig(run=str(out), data=str(data), limit=4, batch_size=4, out=str(tmp_path / "b.jsonl")))
+    by_run = evaluate(EvalConfig(run=str(run), data=str(data), limit=4, batch_size=4, out=str(tmp_path / "eval-a")))
+    by_export = evaluate(EvalConfig(run=str(out), data=str(data), limit=4, batch_size=4, out=str(tmp_path / "eval-b")))
     assert by_export.n == by_run.n == 4
     assert by_export.mean_answer_nll == pytest.approx(by_run.mean_answer_nll, rel=1e-3)
