@@ -79,18 +79,20 @@ def save(name: str, data: dict) -> Path:
     return path
 
 
-def figure(name: str, plot: Callable) -> Path:
-    """Draw ``plot(ax)`` into ``benchmarks/results/NAME.png``."""
+def figure(name: str, plot: Callable, ncols: int = 1, folder: Path | None = None) -> Path:
+    """Draw ``plot(ax)`` (``plot(axes)`` with ``ncols`` > 1) into ``FOLDER/NAME.png``
+    (default folder: ``benchmarks/results``)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=110)
-    plot(ax)
-    ax.grid(alpha=0.3)
+    fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 3.8), dpi=110, squeeze=False)
+    plot(axes[0, 0] if ncols == 1 else list(axes[0]))
+    for ax in axes[0]:
+        ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = RESULTS / f"{name}.png"
+    path = (folder or RESULTS) / f"{name}.png"
     fig.savefig(path)
     plt.close(fig)
     return path

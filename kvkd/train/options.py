@@ -146,6 +146,8 @@ class TrainConfig(DataSelection, OptimArgs, LossArgs, LoraArgs, LoaderArgs, Runt
         dtype: student dtype.
         log_every: steps between progress callbacks; save_every: steps between checkpoints
             (0 = only at the end); keep_checkpoints: newest checkpoints kept.
+        log_row_weights: also log each step's per-sample router weights with their training-row
+            indices (``row_weights`` in ``log.jsonl``; rank 0's rows under DeepSpeed).
         deepspeed: DeepSpeed JSON config path (ZeRO 1/2/3, offload, bf16); empty = one process
             without DeepSpeed. See ``kvkd.train.engines``.
         fresh: delete the folder's checkpoints, log, summary and config and start over (without
@@ -179,6 +181,7 @@ class TrainConfig(DataSelection, OptimArgs, LossArgs, LoraArgs, LoaderArgs, Runt
                                        help="Refuse teachers whose tokenizer differs from the student's (latent distillation does not need it)")
     dtype: str = opt("float32", help="Student dtype: float32, bfloat16 or float16", choices=("float32", "bfloat16", "float16"))
     log_every: int = opt(1, help="Steps between progress reports (terminal bar or plain log line)")
+    log_row_weights: bool = opt(False, help="Write each step's per-sample router weights and row indices into log.jsonl (row_weights)")
     save_every: int = opt(50, help="Steps between checkpoints (0 = at the end only)")
     keep_checkpoints: int = opt(2, help="Newest checkpoints kept")
     deepspeed: str = opt("", help="DeepSpeed JSON config (ZeRO 1/2/3, offload, bf16; e.g. kvkd/configs/ds_zero2.json); launch with deepspeed or torchrun")

@@ -185,7 +185,7 @@ def distill_step(trainee: Trainee, batch: dict, cfg, step: int):
     elif router.needs_grads == "parameter":
         grads = _parameter_grads(distill, [p for p in trainee.student.parameters() if p.requires_grad])
     inputs = RouterInputs(out.features, torch.stack([t.features for t in teachers], 1), distill,
-                          torch.stack([t.answer_nll for t in teachers], 1).float(), step, out.sample_ce.detach(), grads)
+                          torch.stack([t.answer_nll for t in teachers], 1).float(), step, out.sample_ce.detach(), grads, rows=batch["index"])
     weights = router(inputs)  # (B, K)
 
     fused = None
@@ -217,4 +217,6 @@ def distill_step(trainee: Trainee, batch: dict, cfg, step: int):
         "fused": fused,
         "router": dict(router.stats),
     })
+    if getattr(cfg, "log_row_weights", False):  # per-sample weights, e.g. to score routing against a planted truth
+        logs["row_weights"] = {"rows": batch["index"].tolist(), "weights": weights.detach().float().tolist()}
     return loss, logs

@@ -69,7 +69,8 @@ def _step_log_class():
               ("skipped", str | None, field(default=None)),  # "non-finite loss" / "non-finite gradient": no update this step
               ("latent_norm", float | None, field(default=None)),  # mean L2 norm of this step's latent thoughts z (this rank's)
               ("embedding_norm", float | None, field(default=None)),  # mean L2 norm of the token-embedding rows (for comparison)
-              ("valid_nll", float | None, field(default=None))]  # --valid-data: validation gold-answer NLL after this step
+              ("valid_nll", float | None, field(default=None)),  # --valid-data: validation gold-answer NLL after this step
+              ("row_weights", dict | None, field(default=None))]  # --log-row-weights: {rows: [B], weights: [B][K]} (rank 0's rows)
     doc = ("One training step as logged (``log.jsonl``): the total loss and CE, the gold-answer NLL (nats/token), one list "
            f"of per-teacher values per distillation term ({', '.join(names)}; zeros when a term is off), ``terms`` (those "
            "names), the router's mean weights, the fused term under --fusion target, router stats, lr and timing.")
@@ -406,6 +407,8 @@ def prepare(cfg: TrainConfig) -> Run:
         trainee = build_trainee(cfg, metas)  # same seed on every rank: identical initial weights
         if trainee.router.needs_dataset_nll:  # e.g. difficulty bins: cached NLL of every training row
             trainee.router.prepare(torch.stack([torch.from_numpy(r.column("answer_nll") * r.column("answer_len")) for r in readers], 1))
+        if trainee.router.needs_training_rows:  # e.g. oracle weights per row, the student's likelihood of each trace
+            trainee.router.prepare_rows(examples, trainee.student, metas)
         engine = build_engine(trainee, cfg)
         check_batches_split(len(examples), cfg.batch_size, engine.world_size)
         if engine.world_size > 1 and cfg.grad_accum > 1:  # the last micro-batch of an epoch must split over the ranks too

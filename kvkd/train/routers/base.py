@@ -22,6 +22,11 @@ is used):
   own optimiser) and the trainer leaves them out of the student's optimiser.
 - ``needs_dataset_nll``: the router wants every training row's cached teacher NLL once
   before training (:meth:`Router.prepare`), e.g. to set difficulty bins.
+- ``needs_training_rows``: the router wants the training rows themselves once before training
+  (:meth:`Router.prepare_rows`: the examples in cache order, the student, the caches'
+  metadata), e.g. per-row oracle weights checked against the row ids, or the student's
+  likelihood of each teacher's trace. Such routers index their per-row data by
+  ``RouterInputs.rows``.
 
 Weights a router returns carry gradients only when the router is trained by the weighted
 loss (``learnable``, ``difficulty`` with a learnable capability matrix); gradient- and
@@ -63,6 +68,8 @@ class RouterInputs:
             (``needs_grads``), float32: (B, K, P) in activation space (P = flattened student
             outputs of one sample), (1, K, P) in parameter space (one gradient of the batch
             loss per teacher); None otherwise.
+        rows: (B,) int64 index of each sample among the training rows (= its cache row);
+            None when the caller has none.
     """
 
     student_features: torch.Tensor
@@ -72,6 +79,7 @@ class RouterInputs:
     step: int = 0
     student_ce: torch.Tensor | None = None
     grads: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
 
 
 class Router(nn.Module):
@@ -86,6 +94,7 @@ class Router(nn.Module):
     grad_space: str = "both"
     trains_itself: bool = False
     needs_dataset_nll: bool = False
+    needs_training_rows: bool = False
 
     def __init__(self, num_teachers: int, feature_dim: int):
         super().__init__()
@@ -106,6 +115,27 @@ class Router(nn.Module):
     def prepare(self, teacher_nll: torch.Tensor) -> None:
         """Called once before training when ``needs_dataset_nll``: (N, K) cached NLL of every
         training row's whole gold answer (nats). Must be deterministic: a resumed run calls it again."""
+
+    def prepare_rows(self, examples: list, student, metas: list[dict]) -> None:
+        """Called once before training when ``needs_training_rows``.
+
+        Args:
+            examples: the N training rows (``kvkd.data.Example``) in cache order: row i of
+                every cache, and ``RouterInputs.rows`` indexes them.
+            student: the ``LatentStudent`` before training.
+            metas: the K caches' metadata (``dataset`` records where each teacher's traces came from).
+        Must be deterministic: a resumed run calls it again.
+        """
+
+    def row_index(self, inputs: RouterInputs) -> torch.Tensor:
+        """(B,) int64 training-row index of each sample, for routers with per-row data.
+
+        Raises:
+            ValueError: the caller gave no ``rows``.
+        """
+        if inputs.rows is None:
+            raise ValueError(f"router {type(self).__name__} needs RouterInputs.rows (each sample's training-row index)")
+        return inputs.rows.long()
 
     def uniform(self, batch: int, device=None) -> torch.Tensor:
         """(B, K) uniform weights."""

@@ -72,12 +72,22 @@ def test_router_contract(name, tmp_path):
     from safetensors.torch import load_file, save_file
 
     K = 3
-    router = build_router(name, K, 4)
+    options = {}
+    if name == "oracle":  # the one router that cannot run without a file
+        from kvkd.train.routers.truth import write_truth
+
+        options = {"truth": str(write_truth(tmp_path / "truth.json", [f"r{i}" for i in range(20)], [[i % 3 == k for k in range(K)] for i in range(20)], ["a", "b", "c"]))}
+    router = build_router(name, K, 4, options)
     if router.needs_dataset_nll:
         router.prepare(torch.rand(20, K, generator=torch.Generator().manual_seed(1)))
+    if hasattr(router, "set_learnability"):  # persyn: what prepare_rows computes with a student
+        router.set_learnability(-torch.rand(20, K, generator=torch.Generator().manual_seed(2)))
+    if hasattr(router, "set_rsr"):
+        router.set_rsr(torch.rand(20, K, generator=torch.Generator().manual_seed(3)))
     for step in (0, 30):  # before and after any warm-up
         inp = _inputs(B=5, K=K)
         inp.step = step
+        inp.rows = torch.tensor([0, 3, 7, 11, 19])
         w = router(inp)
         assert w.shape == (5, K)
         assert torch.isfinite(w).all() and torch.all(w >= 0)
@@ -90,7 +100,7 @@ def test_router_contract(name, tmp_path):
     state = {k: v.contiguous() for k, v in router.state_dict().items()}
     if state:
         save_file(state, str(tmp_path / "r.safetensors"))
-        other = build_router(name, K, 4).eval()
+        other = build_router(name, K, 4, options).eval()
         other.load_state_dict(load_file(str(tmp_path / "r.safetensors")))
         assert torch.allclose(other(_inputs(B=5, K=K)), router(_inputs(B=5, K=K)))
 

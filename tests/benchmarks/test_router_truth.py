@@ -1,0 +1,128 @@
+"""benchmarks/router_truth.py: each planted scenario's truth is what it claims (read back from
+the extracted caches' traces), and the benchmark runs end to end on tiny models (oracle scores
+1.0, fixed exactly the share of good teachers)."""
+
+import csv
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+import router_truth as RT  # noqa: E402
+
+from kvkd.data import build_trace, load_examples  # noqa: E402
+from kvkd.train.routers.truth import read_truth  # noqa: E402
+
+STEPS = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3]  # reasoning steps of 16 rows
+
+
+def test_derangement_has_no_fixed_point_and_is_a_permutation():
+    for n in (2, 3, 16, 31):
+        d = RT.derangement(n)
+        assert sorted(d) == list(range(n)) and all(d[i] != i for i in range(n))
+    with pytest.raises(ValueError):
+        RT.derangement(1)
+
+
+@pytest.mark.parametrize("K", [2, 3, 4])
+def test_corrupted_one_teacher_bad_on_every_row(K):
+    good = torch.tensor(RT.plant(f"corrupted-k{K}", STEPS).good)
+    assert good.shape == (16, K)
+    assert good[:, : K - 1].all() and not good[:, K - 1].any()
+
+
+@pytest.mark.parametrize("third", ["", "-good", "-bad"])
+def test_complementary_split_by_reasoning_steps(third):
+    name = "complementary-k2" if not third else f"complementary-k3{third}"
+    sc = RT.plant(name, STEPS)
+    good = torch.tensor(sc.good)
+    X = sorted(range(16), key=lambda n: (STEPS[n], n))[:8]  # the shorter half
+    inX = torch.zeros(16, dtype=torch.bool)
+    inX[X] = True
+    assert torch.equal(good[:, 0], inX) and torch.equal(good[:, 1], ~inX)
+    assert max(STEPS[n] for n in X) <= min(STEPS[n] for n in range(16) if n not in X)
+    if third:
+        assert bool(good[:, 2].all()) == (third == "-good") and bool((~good[:, 2]).all()) == (third == "-bad")
+
+
+@pytest.mark.parametrize("p", [25, 50, 75])
+def test_graded_known_fraction_nested(p):
+    good = torch.tensor(RT.plant(f"graded-p{p}", STEPS).good)
+    assert good[:, 0].all() and int((~good[:, 1]).sum()) == round(p / 100 * 16)
+    if p > 25:  # nested: rows bad at a lower p stay bad
+        lower = torch.tensor(RT.plant(f"graded-p{p - 25}", STEPS).good)
+        assert bool((~good[:, 1] | lower[:, 1]).all())
+
+
+def test_unknown_scenario_named():
+    with pytest.raises(ValueError, match="corrupted-k3"):
+        RT.plant("corrupted-k9", STEPS)
+
+
+def _rows(shared_data, tmp_path, n):
+    src = tmp_path / "gsm8k.jsonl"
+    src.write_text("\n".join((shared_data / "gsm8k" / "train.jsonl").read_text().splitlines()[:n]) + "\n")
+    return src
+
+
+def test_planted_traces_read_back_from_the_caches(shared_data, tmp_path, tiny_teacher):
+    """Extract every planted teacher of complementary-k3-bad and read back, from each cache's
+    recorded data, the trace it read on every row: the truth file's trace_from, and good iff own."""
+    from kvkd.cache.reader import CacheReader
+    from kvkd.train.routers.learnability import teacher_traces
+
+    examples = load_examples(str(_rows(shared_data, tmp_path, 8)), fmt="jsonl").examples
+    sc = RT.plant("complementary-k3-bad", [RT.reasoning_steps(ex) for ex in examples])
+    files, truth_path = RT.write_planted(tmp_path / "planted", examples, sc)
+    assert len(set(files)) == 3
+    urls = RT.extract_planted(files, tmp_path / "work", str(tiny_teacher), slots=2)
+    truth = read_truth(truth_path)
+    assert truth.ids == [ex.id for ex in examples] and truth.teachers == sc.teachers
+    by_id = {ex.id: ex for ex in examples}
+    for k, url in enumerate(urls):
+        meta = CacheReader.open(url).metadata
+        read = teacher_traces(examples, meta)  # what the teacher actually read, rebuilt from its cache's data
+        for n, ex in enumerate(examples):
+            src = by_id[truth.trace_from[n][k]]
+            assert read[n] == build_trace(src, "nl", drop_last_step=True)
+            assert bool(truth.good[n, k]) == (src.id == ex.id) == (read[n] == build_trace(ex, "nl", drop_last_step=True))
+    assert RT.extract_planted(files, tmp_path / "work", "no-such-model", slots=2) == urls  # reused, no model loaded
+    # the NLL signal, by hand: rows where teacher k is the only good one, or the two others are
+    from kvkd.cache.reader import CacheReader as R
+
+    nll = torch.stack([torch.from_numpy(R.open(u).column("answer_nll") * R.open(u).column("answer_len")).double() for u in urls], 1)
+    wins = [float(nll[n][truth.good[n]].min()) < float(nll[n][~truth.good[n]].min()) for n in range(len(examples))]
+    sig = RT.nll_signal(urls, truth.good)
+    assert sig["rows"] == len(examples) and sig["good_lowest"] == pytest.approx(sum(wins) / len(wins))
+
+
+@pytest.mark.slow  # ~4 min on 2 shared cores: 18 tiny training runs
+def test_benchmark_end_to_end_on_tiny_models(shared_data, tmp_path, tiny_teacher, tiny_student):
+    data = _rows(shared_data, tmp_path, 12)
+    out, work = tmp_path / "out", tmp_path / "work"
+    argv = ["--routers", "oracle,fixed,min-ce,persyn,govern", "--scenario", "corrupted-k3,graded-p50", "--seeds", "0,1",
+            "--teacher", str(tiny_teacher), "--student", str(tiny_student), "--data", str(data), "--rows", "8", "--eval-rows", "4",
+            "--slots", "2", "--steps", "4", "--batch-size", "4", "--lora-r", "4", "--out", str(out), "--work", str(work)]
+    assert RT.main(argv) == 0
+    res = json.loads((out / "results.json").read_text())["results"]
+    got = {(r["router"], r["scenario"], r["seed"]): r for r in res}
+    assert ("govern", "graded-p50", 0) not in got and ("govern", "corrupted-k3", 0) in got  # K >= 3 only
+    for seed in (0, 1):
+        assert got[("oracle", "corrupted-k3", seed)]["accuracy_per_step"] == [1.0] * 4
+        assert got[("oracle", "graded-p50", seed)]["final_accuracy"] == 1.0
+        assert got[("fixed", "corrupted-k3", seed)]["accuracy_per_step"] == pytest.approx([2 / 3] * 4)
+        # graded p=0.5 over 8 rows, batch 4 = one epoch per 2 steps: half the rows both good (1.0), half 0.5
+        assert got[("fixed", "graded-p50", seed)]["final_accuracy"] == pytest.approx(0.75)
+    for r in res:
+        assert 0.0 <= r["final_accuracy"] <= 1.0 and r["heldout_nll"] > 0
+    table = (out / "results.md").read_text()
+    assert "| oracle | 1.000 ± 0.000 | 1.000 ± 0.000 |" in table and "| govern |" in table and "n/a (K=2)" in table
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert {(r["router"], r["scenario"]) for r in rows} == {(k[0], k[1]) for k in got}
+    assert (out / "corrupted-k3.png").stat().st_size > 0 and (out / "graded-p50.png").stat().st_size > 0
+    # finished runs are reused: a second call trains nothing and gives the same table body
+    assert RT.main(argv) == 0
+    assert (out / "results.md").read_text().split("\n", 2)[2] == table.split("\n", 2)[2]
