@@ -38,7 +38,12 @@ from kvkd.eval.evaluate import EvalConfig  # noqa: E402
 from kvkd.pipeline.extract import ExtractConfig  # noqa: E402
 from kvkd.sweep import SweepConfig  # noqa: E402
 
-COMMANDS = {"train": TrainConfig, "extract": ExtractConfig, "eval": EvalConfig, "sweep": SweepConfig, "demo": DemoConfig}
+from kvkd.generate import GenerateConfig  # noqa: E402
+from kvkd.sft import SFTConfig  # noqa: E402
+from kvkd.train.export import ExportConfig  # noqa: E402
+
+COMMANDS = {"train": TrainConfig, "extract": ExtractConfig, "eval": EvalConfig, "sweep": SweepConfig, "demo": DemoConfig,
+            "generate": GenerateConfig, "sft": SFTConfig, "export": ExportConfig}
 
 
 def _help(command: str) -> str:
