@@ -31,6 +31,13 @@ def _corrupt(src: str, dst: str, *, mode: str, nll_shift: float = 2.0, seed: int
         data = -data if mode == "flip" else rng.normal(0, data.std(), data.shape)
         arr[:] = data.astype(arr.dtype)
     group["answer_nll"][:] = np.asarray(group["answer_nll"][:]) + nll_shift
+    # a teacher that is wrong, not a damaged file: record the rewritten shards' checksums as a writer would
+    from kvkd.cache import integrity
+
+    names = group.attrs["checksums"]["arrays"]
+    table = group[integrity.CHECKSUM_ARRAY]
+    for shard in range(table.shape[0]):
+        table[shard] = integrity.shard_digests({n: group[n] for n in names}, names, shard)
     return dst
 
 
