@@ -88,7 +88,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--steps", type=int, default=2, help="timed steps per variant (after one warm-up step)")
     ap.add_argument("--threads", type=int, default=0, help="(child) torch threads")
-    ap.add_argument("--background", type=int, default=2, help="busy background processes in the loaded runs")
+    ap.add_argument("--background", default="2", help="busy background processes in the loaded runs; a comma list (2,4,8) runs each")
     ap.add_argument("--timeout-s", type=float, default=900)
     args = ap.parse_args()
     if args.child:
@@ -99,18 +99,20 @@ def main() -> None:
     C.smollm2_cache(args.rows)  # extract once, outside the measurements
     cores = os.cpu_count() or 1
     variants = [(t, p) for t in (cores, 1) for p in (None, "PASSIVE")]
+    loads = [int(b) for b in str(args.background).split(",")]
     results = []
     for threads, policy in variants:  # quiet and loaded back to back, per variant
-        for load in (0, args.background):
+        for load in (0, *loads):
             results.append(run_variant(args, threads, policy, load))
     table = []
     for threads, policy in variants:
-        q, l = (next(r for r in results if r["threads_asked"] == threads and r["wait_policy"] == (policy or "default") and r["background"] == b) for b in (0, args.background))
-        table.append({"threads": threads, "wait_policy": policy or "default", "quiet_step_s": q.get("step_s"), "loaded_step_s": l.get("step_s"),
-                      "slowdown": (l["step_s"] / q["step_s"]) if "step_s" in q and "step_s" in l else None})
+        for load in loads:
+            q, l = (next(r for r in results if r["threads_asked"] == threads and r["wait_policy"] == (policy or "default") and r["background"] == b) for b in (0, load))
+            table.append({"threads": threads, "wait_policy": policy or "default", "background": load, "quiet_step_s": q.get("step_s"), "loaded_step_s": l.get("step_s"),
+                          "slowdown": (l["step_s"] / q["step_s"]) if "step_s" in q and "step_s" in l else None})
     path = C.save("contention", {"command": "python benchmarks/contention.py " + " ".join(sys.argv[1:]), "args": vars(args), "runs": results, "table": table})
     for row in table:
-        print(f"threads {row['threads']} policy {row['wait_policy']:8s} quiet {row['quiet_step_s']} s  loaded {row['loaded_step_s']} s  slowdown x{row['slowdown']}")
+        print(f"threads {row['threads']} policy {row['wait_policy']:8s} background {row['background']} quiet {row['quiet_step_s']} s  loaded {row['loaded_step_s']} s  slowdown x{row['slowdown']}")
     print(f"-> {path}")
 
 
