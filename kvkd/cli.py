@@ -68,7 +68,7 @@ def _sigterm_to_interrupt(signum, frame):
 
 def _fail(err: Exception) -> None:
     msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-    console.print(f"[bold red]error:[/] {msg}", markup=True, highlight=False)
+    console.print(f"[bold red]error:[/] {escape(str(msg))}", markup=True, highlight=False, soft_wrap=True)  # one line, never wrapped
     raise typer.Exit(code=2)
 
 

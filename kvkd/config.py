@@ -406,6 +406,8 @@ def resolve(cls: type[T], section: str, config_file: str | None, flags: dict[str
             data = data[section]
         hints = typing.get_type_hints(cls)
         values.update({k: _yaml_float(v, hints[k]) for k, v in _flatten_file(cls, data, f"config file {config_file}", section).items()})
+        for k, v in values.items():  # a wrong value in the file is refused even where a flag overrides it
+            check_value(cls, k, v, f"config file {config_file}")
     bad = sorted(set(k for k, v in flags.items() if v is not None) - known)
     if bad:
         raise ConfigError(f"unknown option(s) {bad} for `{section}`")

@@ -316,6 +316,32 @@ def _cell_done(cfg: SweepConfig, row: dict, seed: int, cell: Path) -> bool:
     return json.loads(path.read_text()).get("eval_key") == _eval_key(ecfgs)
 
 
+def check_cells(cfg: SweepConfig, rows: list[dict]) -> None:
+    """Before any cell starts: every cell's training options pass ``kvkd train``'s checks, and its
+    caches pass the same full compatibility check as ``kvkd train`` (complete, shards match their
+    checksums records, rows, fingerprints, M, prompt, key frame, tokenizer), each distinct set of
+    caches and rows once.
+
+    Raises:
+        ValueError: a bad option, prefixed with the row (``sweep row NAME: ...``).
+        kvkd.cache.errors.CacheError / CacheMismatchError / kvkd.data.DataError: as
+            :func:`kvkd.train.trainer.open_training_data`, naming the cache.
+    """
+    from kvkd.train.trainer import check_options, open_training_data
+
+    checked = set()
+    for row in rows:
+        tcfg, _ = _cell_configs(cfg, row, cfg.seeds[0], Path(cfg.out))
+        try:
+            check_options(tcfg)
+        except ValueError as err:
+            raise ValueError(f"sweep row {row['name']}: {err}") from None
+        key = (tuple(tcfg.caches), tcfg.data, tcfg.split, tcfg.data_format, tcfg.offset, tcfg.limit, tcfg.require_same_tokenizer)
+        if key not in checked:
+            open_training_data(tcfg)
+            checked.add(key)
+
+
 def run_sweep(cfg: SweepConfig, on_cell: Callable[[str, int, str], None] | None = None) -> dict:
     """Run (or resume) every cell of the grid, then write the table and plots.
 
@@ -327,6 +353,8 @@ def run_sweep(cfg: SweepConfig, on_cell: Callable[[str, int, str], None] | None 
     Raises:
         ValueError: bad grid or options (no caches, no seeds, unknown row names).
         kvkd.data.DataError: an eval set shares rows with the caches' training rows.
+        kvkd.cache.errors.CacheError, CacheMismatchError: a cell's caches fail ``kvkd train``'s
+            checks (before any cell starts, see :func:`check_cells`).
         RuntimeError: a cell's subprocess failed (names the cell and its folder).
     """
     if not cfg.caches:
@@ -346,6 +374,7 @@ def run_sweep(cfg: SweepConfig, on_cell: Callable[[str, int, str], None] | None 
         if "://" not in c and not Path(c).exists():
             raise ValueError(f"teacher cache {c} does not exist")
     refuse_cache_overlap(cfg.caches[0], _eval_sets(cfg))  # eval questions among the training rows: refuse up front
+    check_cells(cfg, rows)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cells = {(row["name"], seed): cell_dir(cfg, row, seed) for row in rows for seed in cfg.seeds}

@@ -31,7 +31,7 @@ from kvkd.cache.errors import CacheError
 from kvkd.cache.schema import CacheLayout
 from kvkd.cache.writer import CacheWriter
 from kvkd.config import DataSelection, RuntimeArgs, opt, override
-from kvkd.data import TRACE_KINDS, DataError, Example, LoadResult, build_trace, dataset_fingerprint, load_examples
+from kvkd.data import FIX_ROW, TRACE_KINDS, DataError, Example, LoadResult, build_trace, dataset_fingerprint, load_examples
 from kvkd.models import LoadedModel, key_module, decoder_layers, load_model, resolve_device, tokenizer_identity
 from kvkd.pipeline.capture import Capture, TeacherBatch, capture_batch
 from kvkd.pipeline.compress import DEFAULT_LAMBDA, gather_slots, select_slots
@@ -423,8 +423,10 @@ def select_rows(cfg: ExtractConfig) -> LoadResult:
         data = load_examples(cfg.data, split=cfg.split, fmt=cfg.data_format, limit=cfg.limit, offset=cfg.offset or 0,
                              on_bad_row="report" if cfg.on_bad_row == "skip" else "raise")
     except DataError as e:  # name the CLI flag, not the library argument
-        raise DataError(str(e).replace("(or, from Python, pass on_bad_row='report' to skip bad rows and list them)",
-                                       "(or pass --on-bad-row skip to leave bad rows out and list them)")) from None
+        msg = str(e)
+        if msg.endswith(FIX_ROW):
+            msg += " (or pass --on-bad-row skip to leave bad rows out and list them)"
+        raise DataError(msg) from None
     if not data.examples:
         raise ValueError(f"{cfg.data}: no examples selected (--offset {cfg.offset}, --limit {cfg.limit})")
     return data
