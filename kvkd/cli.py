@@ -580,6 +580,9 @@ def sweep(flags: dict, config: Optional[str]):
     except ERRORS as err:
         _fail(err)
     console.print(result["table"])
+    if result.get("missing"):
+        console.print(f"[bold yellow]warning:[/] the table lacks {len(result['missing'])} cell(s): {', '.join(result['missing'])} "
+                      "(marked MISSING in results.md and in results.csv's missing_seeds); rerun the same command to run them", highlight=False, soft_wrap=True)
     console.print(f"table: {cfg.out}/results.md, {result['csv']}; plots: {result['loss_png']}, {result['weights_png']}")
 
 

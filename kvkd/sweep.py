@@ -441,7 +441,14 @@ def write_report(out: Path, rows: list[dict], seeds: list[int], folders: dict[tu
     Wilson interval of the answers of all seeds pooled), ``E_nll_mean``, ``E_nll_std``
     (gold-answer NLL, nats/token); then ``train_wall_s``, ``step_s``, ``peak_rss_mb`` (means
     over seeds) and ``weight_t0``, ``weight_t1``, ... (mean router weight per teacher; empty
-    for rows with fewer teachers). ``results.md`` shows the same as "mean ± std" text.
+    for rows with fewer teachers), ``missing_seeds`` (the seeds whose cell is missing, space-separated;
+    empty when none; a row with no cell at all has only its name, ``seeds`` 0 and this).
+    ``results.md`` shows the same as "mean ± std" text, opened by an INCOMPLETE line naming the
+    missing cells when there are any, each such row marked MISSING.
+
+    Returns:
+        dict with ``table``, ``csv``, ``loss_png``, ``weights_png``, ``cells`` and ``missing``
+        (``"ROW seed S"`` per missing cell, for the caller to warn about).
     """
     cells = {}
     for key, folder in folders.items():
@@ -449,22 +456,34 @@ def write_report(out: Path, rows: list[dict], seeds: list[int], folders: dict[tu
             cells[key] = json.loads((folder / "cell.json").read_text())
     eval_names = sorted({n for c in cells.values() for n in c["evals"]})
     records = []
+    missing = [f"{row['name']} seed {s}" for row in rows for s in seeds if (row["name"], s) not in cells]
     for row in rows:
         got = [cells[(row["name"], s)] for s in seeds if (row["name"], s) in cells]
+        absent = " ".join(str(s) for s in seeds if (row["name"], s) not in cells)
         if got:
-            records.append(_aggregate(got, row, eval_names))
+            records.append({**_aggregate(got, row, eval_names), "missing_seeds": absent})
+        else:
+            records.append({"row": row["name"], "router": row.get("train", {}).get("router", "fixed"), "teachers": row.get("teachers", "all"),
+                            "seeds": 0, "missing_seeds": absent})
     header = ["row", "router", "teachers", "seeds"]
     for n in eval_names:
         header += [f"{n} acc %", f"{n} NLL"]
     header += ["train wall s", "step s", "peak RSS MB", "mean weights"]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in records:
-        line = [r["row"], r["router"], r["teachers"], str(r["seeds"])]
+        seeds_text = f"{r['seeds']} (MISSING seed {r['missing_seeds']})" if r["missing_seeds"] else str(r["seeds"])
+        line = [r["row"], r["router"], r["teachers"], seeds_text]
+        if not r["seeds"]:
+            md.append("| " + " | ".join(line + ["MISSING"] * (len(header) - len(line))) + " |")
+            continue
         for n in eval_names:
             line += [f"{100 * r[f'{n}_acc_mean']:.1f} ± {100 * r[f'{n}_acc_std']:.1f}", f"{r[f'{n}_nll_mean']:.3f} ± {r[f'{n}_nll_std']:.3f}"]
         weights = [r[k] for k in r if k.startswith("weight_t")]
         line += [f"{r['train_wall_s']:.1f}", f"{r['step_s']:.2f}", f"{r['peak_rss_mb']:.0f}", "/".join(f"{w:.2f}" for w in weights)]
         md.append("| " + " | ".join(line) + " |")
+    if missing:
+        md.insert(0, f"**INCOMPLETE: {len(missing)} of {len(rows) * len(seeds)} cells missing ({', '.join(missing)}); "
+                     "their rows average fewer seeds.**\n")
     table = "\n".join(md)
     columns = list(dict.fromkeys(k for r in records for k in r))
     buf = io.StringIO()
@@ -475,7 +494,7 @@ def write_report(out: Path, rows: list[dict], seeds: list[int], folders: dict[tu
     (out / "results.csv").write_text(buf.getvalue())
     loss_png, weights_png = _plot_grid(out, rows, seeds, folders)
     return {"table": table, "csv": str(out / "results.csv"), "loss_png": loss_png, "weights_png": weights_png,
-            "cells": list(cells.values())}
+            "cells": list(cells.values()), "missing": missing}
 
 
 def _plot_grid(out: Path, rows: list[dict], seeds: list[int], folders: dict[tuple[str, int], Path]) -> tuple[str, str]:
