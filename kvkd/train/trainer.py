@@ -534,8 +534,8 @@ def _fit(run: Run, on_step) -> TrainSummary:
                 if why is None:
                     if not engine.backward_step(loss * scale, step=last_micro):
                         why = "non-finite gradient"
-                elif last_micro:
-                    engine.skip_step()  # no update; drops any gradient accumulated this step
+                else:  # no update this step; drops any gradient accumulated in it, keeps the engine's counters in step
+                    engine.drop_micro_batch(loss * scale, step=last_micro)
                 parts.append((_global_logs(engine, part, len(batch["index"])), scale))
             logs = _mean_logs(parts)
             now = time.perf_counter()
