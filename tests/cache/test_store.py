@@ -172,3 +172,28 @@ def test_rm_complete_cache_by_key(tmp_path):
     remove_cache(key, str(tmp_path))
     with pytest.raises(CacheError, match="no cache named 'done'"):
         resolve_cache("done", str(tmp_path))
+
+
+def test_cli_ls_cp_rm(tmp_path):
+    from typer.testing import CliRunner
+
+    from kvkd.cli import app
+
+    runner = CliRunner()
+    root = str(tmp_path / "root")
+    _, key = _stored(tmp_path / "root", "tiny")
+    r = runner.invoke(app, ["cache", "ls", root])
+    assert r.exit_code == 0 and "tiny" in r.output and key in r.output and "complete" in r.output, r.output
+    r = runner.invoke(app, ["cache", "ls", root, "--json"])
+    assert [(x["name"], x["key"], x["rows"]) for x in json.loads(r.output)] == [("tiny", key, 10)]
+    r = runner.invoke(app, ["cache", "info", "tiny", "--cache-root", root, "--json"])
+    assert r.exit_code == 0 and '"num_examples": 10' in r.output, r.output
+    r = runner.invoke(app, ["cache", "cp", "tiny", str(tmp_path / "copy"), "--cache-root", root])
+    assert r.exit_code == 0 and "verified; status complete" in r.output, r.output
+    assert CacheReader.open(str(tmp_path / "copy")).verify() == []
+    r = runner.invoke(app, ["cache", "rm", "tiny", "--cache-root", root])
+    assert r.exit_code == 2 and "pass --yes" in r.output and (tmp_path / "root" / "caches" / key).is_dir()
+    r = runner.invoke(app, ["cache", "rm", "tinyy", "--cache-root", root, "--yes"])
+    assert r.exit_code == 2 and "closest: tiny" in r.output and "Traceback" not in r.output
+    r = runner.invoke(app, ["cache", "rm", "tiny", "--cache-root", root, "--yes"])
+    assert r.exit_code == 0 and not (tmp_path / "root" / "caches" / key).exists()
