@@ -588,7 +588,10 @@ def extract(
 
     Order: every option is checked, the data read and an existing cache at ``out`` compared
     with this run (data, compression, codec) before the teacher is loaded; rows too long for
-    the teacher are handled (``too_long``) before anything is created.
+    the teacher are handled (``too_long``) before anything is created. With ``out`` a name of
+    the cache root (or ``auto``) the store key is computed first (``store_key_material``): a
+    complete cache with that key is returned as is (``ExtractSummary.reused``; the teacher is
+    not loaded, nothing is written), an incomplete one is resumed.
 
     Args:
         cfg: the options (see ExtractConfig).
@@ -600,6 +603,8 @@ def extract(
     Raises:
         kvkd.data.DataError: unreadable rows or empty traces.
         kvkd.cache.errors.CacheMismatchError: ``out`` holds a cache of other data/teacher/options.
+        kvkd.cache.errors.CacheError: a store name pointing at a cache of other settings (naming the
+            first that differs), or a damaged complete cache under the key.
         kvkd.cache.errors.CacheError: no space left on the device (the message names the path;
             rerunning resumes), or another writer holds a shard.
         ExtractInterrupted: Ctrl-C (or SIGTERM turned into KeyboardInterrupt by the caller).
