@@ -75,8 +75,9 @@ def default_root(env: dict | None = None) -> str:
 
 
 def is_name(spec: str) -> bool:
-    """True if ``spec`` is a store name (or ``auto``): no slash, no URL scheme, letters, digits, ``._+-``."""
-    return bool(_NAME.fullmatch(spec)) and spec not in (".", "..")
+    """True if ``spec`` is a store name (or ``auto``): no slash, no URL scheme, letters, digits, ``._+-``,
+    and not ending in ``.zarr`` (``teacher.zarr`` is a folder here, as kvkd's commands always wrote it)."""
+    return bool(_NAME.fullmatch(spec)) and spec not in (".", "..") and not spec.endswith(".zarr")
 
 
 def cache_key(material: dict[str, Any]) -> str:

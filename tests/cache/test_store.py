@@ -50,7 +50,7 @@ def test_key_is_sha256_of_canonical_json_and_ignores_key_order():
 
 def test_names_and_default_root(tmp_path):
     assert is_name("smollm2-gsm8k-3f2a9c1d") and is_name("auto") and is_name("a.b+c_d")
-    assert not any(is_name(s) for s in ("a/b", "./a", "s3://b/p", "..", "", "-x"))
+    assert not any(is_name(s) for s in ("a/b", "./a", "s3://b/p", "..", "", "-x", "teacher.zarr"))
     assert default_root({"KVKD_CACHE_ROOT": "s3://team/caches", "KVKD_HOME": "/h"}) == "s3://team/caches"
     assert default_root({"KVKD_HOME": "/h"}) == "/h/caches"
 
