@@ -138,11 +138,15 @@ def config_command(target, cls, section: str, *, name: str | None = None, extra:
 def _resolve(cls, section: str, config: str | None, flags: dict):
     """Resolve a config and apply its process-global settings (threads) here, in the CLI."""
     cfg = resolve(cls, section, config, flags)
-    threads = getattr(cfg, "num_threads", 0)
-    if threads:
+    if hasattr(cfg, "num_threads"):
         import torch
 
+        from kvkd.threads import resolve_threads
+
+        threads, why = resolve_threads(cfg.num_threads)
         torch.set_num_threads(threads)
+        if not cfg.num_threads and threads < (os.cpu_count() or 1):  # auto chose fewer than torch would: say why
+            print(f"torch threads: {why}", file=sys.stderr, flush=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not console.is_terminal:  # a log file gets kvkd's progress lines, not transformers' tqdm bars
         from transformers.utils import logging as hf_logging

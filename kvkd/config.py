@@ -239,13 +239,14 @@ class RuntimeArgs:
 
     Attributes:
         device: ``auto`` (this rank's CUDA device if visible, else cpu), ``cpu`` or ``cuda[:N]``.
-        num_threads: torch CPU threads (0 = torch's default); set by the CLI, not the library.
+        num_threads: torch CPU threads; 0 = the cores free when the command starts (cores minus
+            the 1-minute load average, at least 1: ``kvkd.threads``); set by the CLI, not the library.
         trust_remote_code: let a checkpoint run its own Python code (off unless the person
             running the command passes ``--trust-remote-code``).
     """
 
     device: str = opt("auto", help="auto (this rank's CUDA device if visible, else cpu), cpu or cuda[:N]")
-    num_threads: int = opt(0, cli="threads", help="torch CPU threads (0 = torch's default)")
+    num_threads: int = opt(0, cli="threads", help="torch CPU threads (0 = the cores free at start: cores minus load average, at least 1)")
     trust_remote_code: bool = opt(False, cli="trust-remote-code/no-trust-remote-code", help="Let the checkpoint run its own Python code")
 
 

@@ -279,8 +279,11 @@ def _run_cell(cfg_json: str, row_json: str, seed: int, cell_dir: str, parent_pid
     from kvkd.train.trainer import train
 
     cfg = SweepConfig(**json.loads(cfg_json))
-    if cfg.num_threads:  # this process is the cell's entry point: its global settings are ours to set
-        torch.set_num_threads(cfg.num_threads)
+    from kvkd.threads import resolve_threads
+
+    # this process is the cell's entry point: its global settings are ours to set (0 = the cores
+    # free now, which counts the sweep's other running cells)
+    torch.set_num_threads(resolve_threads(cfg.num_threads)[0])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     row = json.loads(row_json)
     cell = Path(cell_dir)

@@ -99,7 +99,7 @@ class ExtractConfig(DataSelection, RuntimeArgs, TraceSelection, StoreArgs):
     lam: float = opt(DEFAULT_LAMBDA, cli="lambda", help="KaVa eviction score weight of importance vs uniqueness, in [0, 1]")
     batch_size: int = opt(8, help="Examples per teacher forward")
     dtype: str = opt("float32", help="Teacher dtype: float32, bfloat16 or float16", choices=("float32", "bfloat16", "float16"))
-    codec: str = opt("float16", help="Storage codecs of keys/values/hidden: a preset (fp16; int8 = keys int8 per channel, values int8 per token, hidden int8 with fp16 outliers, within 1% error; int4 the same at 4 bits) or one codec for all three", choices=_codec_names)
+    codec: str = opt("int8", help="Storage codecs of keys/values/hidden: a preset (fp16; int8 = keys int8 per channel, values int8 per token, hidden int8 with fp16 outliers, within 1% error; int4 the same at 4 bits) or one codec for all three", choices=_codec_names)
     compressor: str = opt("zstd:3", help="Byte compressor: zstd:LEVEL, blosc:LEVEL:byte|bit|none, or none")
     examples_per_shard: int = opt(0, help="Examples per shard file (0 = about 32 MB of data per shard)")
     overwrite: bool = opt(False, cli="overwrite/no-overwrite", help="Replace an existing cache at --out instead of resuming it")
