@@ -474,7 +474,7 @@ def cache_info(path: str = typer.Argument(..., help="Cache path or URL."), as_js
     from kvkd.cache.reader import CacheReader
 
     try:
-        info = CacheReader.open(path, allow_incomplete=True).info()
+        info = CacheReader.open(path, allow_incomplete=True, local_root=None).info()
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         _fail(err)
     if as_json:
@@ -506,7 +506,7 @@ def cache_verify(path: str = typer.Argument(..., help="Cache path or URL.")):
     from kvkd.cache.reader import CacheReader
 
     try:
-        reader = CacheReader.open(path, allow_incomplete=True)
+        reader = CacheReader.open(path, allow_incomplete=True, local_root=None)
         with _progress("shards") as prog:
             task = prog.add_task("verify", total=reader.layout.num_shards, rate="")
             report = reader.verify_report(on_progress=lambda done, total: prog.update(task, completed=done, total=total))

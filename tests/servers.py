@@ -33,21 +33,22 @@ def free_port() -> int:
 
 @dataclass
 class RequestLog:
-    """Requests a server answered: ``(method, path, status, bytes sent)`` each, thread-safe."""
+    """Requests a server answered: ``(method, path, status, bytes sent, Range header or "")``
+    each, thread-safe."""
 
-    entries: list[tuple[str, str, int, int]] = field(default_factory=list)
+    entries: list[tuple[str, str, int, int, str]] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def add(self, method: str, path: str, status: int, nbytes: int) -> None:
+    def add(self, method: str, path: str, status: int, nbytes: int, byte_range: str = "") -> None:
         with self.lock:
-            self.entries.append((method, path, status, nbytes))
+            self.entries.append((method, path, status, nbytes, byte_range))
 
     def mark(self) -> int:
         """Position to count from (``since``)."""
         with self.lock:
             return len(self.entries)
 
-    def since(self, mark: int = 0, method: str | None = None, path_re: str | None = None) -> list[tuple[str, str, int, int]]:
+    def since(self, mark: int = 0, method: str | None = None, path_re: str | None = None) -> list[tuple[str, str, int, int, str]]:
         """Requests after ``mark``, optionally of one method and with a path matching ``path_re``."""
         with self.lock:
             out = self.entries[mark:]
@@ -71,7 +72,8 @@ class _CountingApp:
         chunks = list(body)
         if hasattr(body, "close"):
             body.close()
-        self.log.add(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), status[0], sum(len(c) for c in chunks))
+        self.log.add(environ["REQUEST_METHOD"], environ.get("PATH_INFO", ""), status[0], sum(len(c) for c in chunks),
+                     environ.get("HTTP_RANGE", ""))
         return chunks
 
 
@@ -169,7 +171,7 @@ class _QuietHandler(http.server.SimpleHTTPRequestHandler):
                 data = f.read()
         else:
             data = b""
-        self.log_ref.add("GET", self.path, 0, len(data))  # before the client can see the answer
+        self.log_ref.add("GET", self.path, 0, len(data), self.headers.get("Range", ""))  # before the client can see the answer
         self.wfile.write(data)
 
     def do_HEAD(self):
