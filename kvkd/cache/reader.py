@@ -211,7 +211,7 @@ class CacheReader:
             if shard in self._checked:
                 continue
             problems = self.shard_problems(shard, full=self.check == "full")
-            if problems and self._evict_local(shard):  # a damaged local copy: download it again
+            if problems and self._evict_local(shard, {p.array for p in problems}):  # damaged local copies: download again
                 problems = self.shard_problems(shard, full=self.check == "full")
             if problems:
                 more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
@@ -231,12 +231,13 @@ class CacheReader:
                     return f"{chunk.message()}; {problem.message()}"
         return problem.message()
 
-    def _evict_local(self, shard: int) -> bool:
-        """Drop the local copies of shard ``shard`` (a read-through remote cache); True if any."""
+    def _evict_local(self, shard: int, names: set[str]) -> bool:
+        """Drop the local copies of shard ``shard`` of arrays ``names`` (a read-through remote
+        cache); True if any was dropped."""
         store = self.group.store
         if not isinstance(store, remote.ReadThroughStore):
             return False
-        return sum(store.evict(f"{self._arrays[n].path}/{za.shard_key(self._arrays[n], shard)}") for n in self._names) > 0
+        return sum(store.evict(f"{self._arrays[n].path}/{za.shard_key(self._arrays[n], shard)}") for n in names) > 0
 
     def read(self, indices: Sequence[int] | slice) -> dict[str, np.ndarray]:
         """Read examples, in the order given, checking what is read.
