@@ -229,7 +229,37 @@ def _create_remote(where: RemoteClaims, path: str, payload: dict) -> bool:
     return True
 
 
+_EXCLUSIVE_CHECKED: set[tuple[int, str]] = set()
+
+
+def check_exclusive_create(where: RemoteClaims) -> None:
+    """Make sure the store refuses a second exclusive create (once per process and prefix).
+
+    Some S3-compatible servers ignore ``If-None-Match: *`` and accept both writes; claims would
+    then keep no writer out, silently. A probe object is created twice and removed.
+
+    Raises:
+        CacheError: the second create was accepted (names the URL and the workaround).
+    """
+    key = (os.getpid(), where.root)
+    if key in _EXCLUSIVE_CHECKED:
+        return
+    probe = where.path(f"probe-{secrets.token_hex(8)}")
+    try:
+        first = _create_remote(where, probe, {"probe": True})
+        second = _create_remote(where, probe, {"probe": True})
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            where.fs.rm_file(probe)
+    if first and second:
+        raise CacheError(f"{where.url}: this S3 endpoint accepted a second conditional create (If-None-Match: *), so shard "
+                         "claims cannot keep two writers apart; use an endpoint with conditional writes (AWS S3, recent MinIO) "
+                         "or write locally and copy the finished cache")
+    _EXCLUSIVE_CHECKED.add(key)
+
+
 def _acquire_remote(where: RemoteClaims, shard: int, token: str) -> Claim:
+    check_exclusive_create(where)
     path = where.path(f"shard-{shard}")
     host = socket.gethostname()
     payload = {"pid": os.getpid(), "host": host, "token": token, "created": time.time()}

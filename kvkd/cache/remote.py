@@ -5,7 +5,7 @@ HTTP file system). Training reads every row several times (epochs, several runs)
 ``ReadThroughStore`` keeps each chunk/shard object it downloads in a local folder (by default
 under ``$KVKD_HOME/remote``): the first read of an object downloads it whole, once; every later
 read, in this process, in another DataLoader worker or in a later run, is served from the
-local copy. Metadata (``zarr.json``) is always read from the remote store.
+local copy. The group's ``zarr.json`` (status and stamps) is always read from the remote store.
 
 Only caches whose status is ``complete`` are read through (their objects no longer change):
 the folder of one cache is keyed by its URL and its ``created``/``completed`` stamps, so a cache
@@ -85,8 +85,8 @@ class ReadThroughStore(WrapperStore):
         store: the remote store (e.g. zarr's ``FsspecStore`` over s3fs or HTTP), opened read-only.
         folder: local folder of the copies (created on first write).
 
-    Keys whose last path part is ``zarr.json`` (group and array metadata) always come from
-    ``store``; every other key (chunk and shard objects) is downloaded whole on its first read
+    The group's ``zarr.json`` (status, stamps) always comes from ``store``; every other key
+    (array metadata, chunk and shard objects) is downloaded whole on its first read
     (but for a suffix alone, e.g. a shard index, which is read from ``store`` until a copy exists),
     once per process (concurrent reads of one key wait for the same download), and served from
     the local copy afterwards, with any byte range.
@@ -107,7 +107,7 @@ class ReadThroughStore(WrapperStore):
 
     @staticmethod
     def _cached(key: str) -> bool:
-        return key.rsplit("/", 1)[-1] != "zarr.json"
+        return key != "zarr.json"  # the group's own: its status and stamps name this folder
 
     async def get(self, key: str, prototype: BufferPrototype | None = None, byte_range: ByteRequest | None = None) -> Buffer | None:
         prototype = prototype or default_buffer_prototype()

@@ -131,3 +131,16 @@ def test_claims_location_per_backend(tmp_path):
 def test_http_is_refused_for_writing():
     with pytest.raises(CacheError, match=r"^http://127.0.0.1:9/c.zarr: HTTP\(S\) caches are read-only"):
         CacheWriter.open("http://127.0.0.1:9/c.zarr", TINY, METADATA)
+
+
+def test_endpoint_ignoring_conditional_writes_is_refused(s3_url, monkeypatch):
+    writer = CacheWriter.open(s3_url, TINY, METADATA)
+    fs = writer._claims.fs
+    real = fs.pipe_file  # fsspec binds the sync methods on the instance
+    monkeypatch.setattr(fs, "pipe_file", lambda path, data, mode="overwrite", **kw: real(path, data, **kw))  # If-None-Match dropped
+    monkeypatch.setattr(claims, "_EXCLUSIVE_CHECKED", set())
+    with pytest.raises(CacheError, match="accepted a second conditional create"):
+        writer.write_shard(0, make_rows(TINY, 0, 4))
+    monkeypatch.undo()
+    assert not [p for p in _fs().find(s3_url.removeprefix("s3://") + "/.claims") if "probe-" in p]  # the probe is removed
+    writer.write_shard(0, make_rows(TINY, 0, 4))
