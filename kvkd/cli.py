@@ -493,7 +493,7 @@ def cache_info(path: str = typer.Argument(..., help="Cache: a name or key of --c
     from kvkd.cache.store import locate
 
     try:
-        info = CacheReader.open(locate(path, cache_root or "")[0], allow_incomplete=True).info()
+        info = CacheReader.open(locate(path, cache_root or "")[0], allow_incomplete=True, local_root=None).info()
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         _fail(err)
     if as_json:
@@ -526,7 +526,7 @@ def cache_verify(path: str = typer.Argument(..., help="Cache: a name or key of -
     from kvkd.cache.store import locate
 
     try:
-        reader = CacheReader.open(locate(path, cache_root or "")[0], allow_incomplete=True)
+        reader = CacheReader.open(locate(path, cache_root or "")[0], allow_incomplete=True, local_root=None)
         with _progress("shards") as prog:
             task = prog.add_task("verify", total=reader.layout.num_shards, rate="")
             report = reader.verify_report(on_progress=lambda done, total: prog.update(task, completed=done, total=total))

@@ -83,3 +83,58 @@ def tiny_teacher(tmp_path_factory, smol_tokenizer_dir) -> Path:
 @pytest.fixture(scope="session")
 def tiny_student(tmp_path_factory, smol_tokenizer_dir) -> Path:
     return make_tiny_model(tmp_path_factory.mktemp("tiny_student"), smol_tokenizer_dir, seed=2)
+
+
+# ---- real servers for remote caches (tests/servers.py), 127.0.0.1 only, stopped at the end ----
+
+S3_BUCKET = "kvkd-test"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto's S3 server for the session, with bucket ``kvkd-test``; ``os.environ`` points s3fs
+    at it (``AWS_ENDPOINT_URL_S3`` + dummy credentials, restored at the end). Skips without
+    ``moto[server]``/``s3fs`` (the ``test`` extra installs them)."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    from tests.servers import S3Server
+
+    server = S3Server().start()
+    saved = {k: os.environ.get(k) for k in server.env()}
+    os.environ.update(server.env())
+    server.create_bucket(S3_BUCKET)
+    try:
+        yield server
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        server.stop()
+
+
+@pytest.fixture
+def s3_url(s3_server, request) -> str:
+    """A fresh ``s3://kvkd-test/<test>-<random>`` prefix on the session's moto server."""
+    import re
+    import secrets
+
+    name = re.sub(r"[^A-Za-z0-9-]+", "-", request.node.name)[:60]
+    return f"s3://{S3_BUCKET}/{name}-{secrets.token_hex(4)}"
+
+
+@pytest.fixture
+def http_server():
+    """Factory: ``http_server(folder)`` serves ``folder`` read-only on 127.0.0.1 (stopped after the test)."""
+    from tests.servers import HttpServer
+
+    started = []
+
+    def start(root: Path) -> HttpServer:
+        started.append(HttpServer(root).start())
+        return started[-1]
+
+    yield start
+    for server in started:
+        server.stop()

@@ -3,8 +3,9 @@
     schema.py   arrays, shapes, dtypes, shards (CacheLayout)
     codecs.py   storage codecs (float/int8/int4/fp8), per-array codec sets and presets, byte compressors
     writer.py   CacheWriter: create/resume, one writer per shard, data first, flags last
-    claims.py   shard claim files that keep a second writer out
+    claims.py   shard claims that keep a second writer out (O_EXCL files; S3 conditional writes)
     reader.py   CacheReader: any Zarr URL, refuses unwritten examples and incomplete caches
+    remote.py   remote URLs (s3://, http(s)://): local read-through copies of their objects
     compat.py   check_compatible: caches agree with each other and with the training data
     store.py    CacheStore: a cache root of content-keyed caches and names; ls, verified cp, rm
 

@@ -19,7 +19,7 @@ import numpy as np
 import zarr
 import zarr.errors
 
-from kvkd.cache import integrity
+from kvkd.cache import integrity, remote
 from kvkd.cache import zarr_adapter as za
 from kvkd.cache.codecs import CodecSet
 from kvkd.cache.errors import CacheError
@@ -45,10 +45,11 @@ class CacheReader:
             codec for all three in caches written before per-array codecs).
     """
 
-    def __init__(self, url: str, group: zarr.Group, allow_incomplete: bool, check: str = "full"):
+    def __init__(self, url: str, group: zarr.Group, allow_incomplete: bool, check: str = "full", local_root: Path | str | None = None):
         if check not in ("full", "index"):
             raise ValueError(f"check must be 'full' or 'index', got {check!r}")
         self.url, self.group, self.allow_incomplete, self.check = url, group, allow_incomplete, check
+        self.local_root = local_root  # as given to open (reopened with it in other processes)
         self.metadata: dict[str, Any] = group.attrs.asdict()
         self.layout = CacheLayout.from_json(self.metadata["layout"])
         try:
@@ -75,8 +76,9 @@ class CacheReader:
         self._flags = self._read_flags()  # (N,) uint8
 
     @classmethod
-    def open(cls, url: str | Path, allow_incomplete: bool = False, check: str = "full") -> CacheReader:
-        """Open the cache at ``url`` (local path or fsspec URL such as ``file://``, ``s3://``).
+    def open(cls, url: str | Path, allow_incomplete: bool = False, check: str = "full", local_root: Path | str | None = "auto") -> CacheReader:
+        """Open the cache at ``url`` (local path or fsspec URL such as ``file://``, ``s3://``,
+        ``http(s)://``, read-only).
 
         Args:
             url: the cache.
@@ -86,6 +88,10 @@ class CacheReader:
                 and swapped shard files; one extra read of each shard per reader), ``"index"``
                 only sizes and shard indexes (a few bytes; swapped shards of equal size pass, but
                 zarr still checks each chunk's crc32c).
+            local_root: for a remote ``complete`` cache, the folder under which its chunk
+                objects are kept once downloaded (``kvkd.cache.remote.ReadThroughStore``):
+                ``"auto"`` is ``$KVKD_HOME/remote``, None reads every object from the remote
+                store each time (what ``kvkd cache verify`` does). Ignored for local caches.
 
         Raises:
             CacheError: no cache there, a newer schema, or status not ``complete`` (unless
@@ -106,14 +112,18 @@ class CacheReader:
             raise CacheError(f"cache {url} has schema {version}; this kvkd reads <= {SCHEMA_VERSION}: upgrade kvkd")
         if attrs.get("status") != "complete" and not allow_incomplete:
             raise CacheError(f"cache {url} is {attrs.get('status')!r}, not complete: {_RESUME_HINT}")
-        return cls(url, group, allow_incomplete, check)
+        if local_root is not None and attrs.get("status") == "complete" and remote.is_remote(url):
+            root = remote.default_local_root() if local_root == "auto" else Path(local_root)
+            store = remote.ReadThroughStore(group.store, remote.local_folder(root, url, attrs))
+            group = zarr.open_group(store=store, mode="r", zarr_format=3)
+        return cls(url, group, allow_incomplete, check, local_root)
 
     def __len__(self) -> int:
         return self.layout.num_examples
 
     def __reduce__(self):
         """Reopen by URL when sent to another process (e.g. spawned data-loader workers)."""
-        return _reopen, (self.url, self.allow_incomplete, self.check)
+        return _reopen, (self.url, self.allow_incomplete, self.check, self.local_root)
 
     # ---- reading ------------------------------------------------------------------------------
 
@@ -201,10 +211,33 @@ class CacheReader:
             if shard in self._checked:
                 continue
             problems = self.shard_problems(shard, full=self.check == "full")
+            if problems and self._evict_local(shard, {p.array for p in problems}):  # damaged local copies: download again
+                problems = self.shard_problems(shard, full=self.check == "full")
             if problems:
                 more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
-                raise CacheError(f"cache {self.url}: {problems[0].message()}{more}; {_DAMAGED_HINT}")
+                raise CacheError(f"cache {self.url}: {self._locate(problems[0])}{more}; {_DAMAGED_HINT}")
             self._checked.add(shard)
+
+    def _locate(self, problem: ChunkProblem) -> str:
+        """``problem``'s message, led by the exact chunk when the shard object is intact but
+        its checksum differs (a changed byte inside one chunk's data)."""
+        if problem.intact:
+            arr = self._arrays[problem.array]
+            for e in problem.examples:
+                try:
+                    arr[e]
+                except Exception as err:  # noqa: BLE001 - the chunk's crc32c fails
+                    chunk = ChunkProblem(problem.array, problem.shard, (e,), f"unreadable chunk ({_short(err)})")
+                    return f"{chunk.message()}; {problem.message()}"
+        return problem.message()
+
+    def _evict_local(self, shard: int, names: set[str]) -> bool:
+        """Drop the local copies of shard ``shard`` of arrays ``names`` (a read-through remote
+        cache); True if any was dropped."""
+        store = self.group.store
+        if not isinstance(store, remote.ReadThroughStore):
+            return False
+        return sum(store.evict(f"{self._arrays[n].path}/{za.shard_key(self._arrays[n], shard)}") for n in names) > 0
 
     def read(self, indices: Sequence[int] | slice) -> dict[str, np.ndarray]:
         """Read examples, in the order given, checking what is read.
@@ -448,8 +481,8 @@ def _runs(sorted_unique: np.ndarray) -> list[tuple[int, int]]:
     return [(int(r[0]), int(r[-1]) + 1) for r in np.split(sorted_unique, breaks)]
 
 
-def _reopen(url: str, allow_incomplete: bool, check: str = "full") -> CacheReader:
-    return CacheReader.open(url, allow_incomplete=allow_incomplete, check=check)
+def _reopen(url: str, allow_incomplete: bool, check: str = "full", local_root: Path | str | None = "auto") -> CacheReader:
+    return CacheReader.open(url, allow_incomplete=allow_incomplete, check=check, local_root=local_root)
 
 
 def _head(items: list[int], k: int = 5) -> str:

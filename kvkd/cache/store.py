@@ -325,7 +325,7 @@ def describe(url: str) -> dict[str, Any]:
     if not fs.exists(f"{path}/zarr.json"):
         return {**out, "status": "missing"}
     try:
-        info = CacheReader.open(url, allow_incomplete=True).info()
+        info = CacheReader.open(url, allow_incomplete=True, local_root=None).info()
     except Exception as e:  # noqa: BLE001 - a listing shows a broken cache, it does not stop at it
         return {**out, "status": f"unreadable: {str(e).splitlines()[0][:120]}"}
     meta = info["metadata"]
@@ -430,7 +430,7 @@ def copy_cache(src: str, dst: str, on_progress: Callable[[int, int], None] | Non
     from kvkd.cache.reader import CacheReader
     from kvkd.cache.schema import FLAG_ARRAY
 
-    source = CacheReader.open(src, allow_incomplete=True)
+    source = CacheReader.open(src, allow_incomplete=True, local_root=None)
     if live_claims(src):
         raise CacheError(f"{src} is being written (live claims in its .claims/); copy it once its extraction has finished")
     sfs, spath = fsspec.core.url_to_fs(src)
@@ -498,7 +498,7 @@ def _verify_copy(dst: str) -> tuple[list[str], list[str]]:
     from kvkd.cache import zarr_adapter as za
     from kvkd.cache.reader import CacheReader
 
-    reader = CacheReader.open(dst, allow_incomplete=True)
+    reader = CacheReader.open(dst, allow_incomplete=True, local_root=None)
     report = reader.verify_report()
     try:
         flags = reader._read_flags()  # (N,) uint8, as copied

@@ -9,8 +9,9 @@ Crash-safety rules (what a reader may rely on):
    process killed at any point leaves the shard's flags at 0: readers refuse its examples and
    ``pending_shards`` hands it out again. Every chunk carries its own crc32c and is stored even
    when it equals the fill value, so a reader can tell a missing chunk from a zero one.
-2. **One writer per shard.** A writer claims ``{cache}/.claims/shard-{i}`` (O_EXCL, local file
-   systems; see ``kvkd.cache.claims``) while writing shard ``i``; parallel extraction splits work
+2. **One writer per shard.** A writer claims ``{cache}/.claims/shard-{i}`` (O_EXCL on local file
+   systems, a conditional ``If-None-Match: *`` PUT on S3; see ``kvkd.cache.claims``) while
+   writing shard ``i``; parallel extraction splits work
    on shard boundaries with ``pending_shards(part=(index, count))``. A shard whose flags are
    already set is never rewritten (that would mean two writers overlap).
 3. **Complete only when every flag is set.** The group's ``status`` attribute is ``"incomplete"``
@@ -98,7 +99,8 @@ class CacheWriter:
 
     def __init__(self, url: str, group: zarr.Group, layout: CacheLayout, codecs: CodecSet, compressor: Compressor):
         self.url, self.group, self.layout, self.codecs, self.compressor = url, group, layout, codecs, compressor
-        self._claims_dir = claims.claims_dir(url)
+        self._claims_dir = claims.claims_dir(url)  # local only (zarr's temporary files live there too)
+        self._claims = claims.location(url)  # local folder, S3 prefix, or None
         self._held: dict[int, claims.Claim] = {}
         self._names = data_array_names(layout, codecs)
         self._arrays = self._ensure_arrays()
@@ -134,6 +136,7 @@ class CacheWriter:
             ValueError: metadata is not plain JSON or uses a reserved key.
         """
         url = str(url)
+        refuse_read_only(url)
         local = claims.claims_dir(url)
         # Local URLs go through zarr's LocalStore (atomic writes, creates folders); fsspec's
         # file:// store needs auto_mkdir and writes in place.
@@ -280,7 +283,7 @@ class CacheWriter:
         if shard in self._held:
             yield
             return
-        self._held[shard] = claims.acquire(self._claims_dir, shard)
+        self._held[shard] = claims.acquire(self._claims, shard)
         try:
             yield
         finally:
@@ -365,7 +368,7 @@ class CacheWriter:
         if not (self._flags() == 1).all():
             return False
         self.group.update_attributes({"status": "complete", "completed": now_iso()})
-        claims.remove_claims_dir(self._claims_dir)
+        claims.remove_claims_dir(self._claims)
         if self._claims_dir is not None:  # every shard is written: temporary files left are a killed writer's,
             root = self._claims_dir.parent  # but for the group's own zarr.json, which other parts may be updating
             clean_partials(root, 0.0, "*/**/*.partial")
@@ -374,6 +377,21 @@ class CacheWriter:
 
 
 # ---- helpers ------------------------------------------------------------------------------------
+
+
+READ_ONLY_PROTOCOLS = ("http", "https")
+
+
+def refuse_read_only(url: str) -> None:
+    """Refuse to write a cache where no writer can: ``http(s)://`` is read-only in fsspec/zarr.
+
+    Raises:
+        CacheError: naming the URL and what to do instead.
+    """
+    protocol = url.split("::")[-1].split("://", 1)[0] if "://" in url else ""
+    if protocol in READ_ONLY_PROTOCOLS:
+        raise CacheError(f"{url}: HTTP(S) caches are read-only; write the cache to a local folder or an object store "
+                         "(s3://...) and serve that folder over HTTP for readers")
 
 
 def data_array_names(layout: CacheLayout, codec: StorageCodec | CodecSet) -> list[str]:

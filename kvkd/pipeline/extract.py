@@ -30,7 +30,7 @@ from kvkd.cache.codecs import Compressor
 from kvkd.cache.errors import CacheError
 from kvkd.cache.schema import CacheLayout
 from kvkd.cache.store import AUTO, CacheStore, StoreArgs, is_name
-from kvkd.cache.writer import VOLATILE_KEYS, CacheWriter
+from kvkd.cache.writer import VOLATILE_KEYS, CacheWriter, refuse_read_only
 from kvkd.config import DataSelection, RuntimeArgs, opt, override
 from kvkd.data import FIX_ROW, TRACE_KINDS, DataError, Example, LoadResult, build_trace, dataset_fingerprint, load_examples
 from kvkd.models import LoadedModel, key_module, decoder_layers, load_model, resolve_device, tokenizer_identity
@@ -510,8 +510,13 @@ def check_output_path(out: str) -> None:
     """Refuse a local ``--out`` that cannot be written (read-only folder, a file in the way).
 
     Raises:
-        ValueError: naming the path and the fix. Remote URLs are not checked here.
+        ValueError: naming the path and the fix; ``http(s)://`` (read-only) is refused too.
+            Other remote URLs are not checked here.
     """
+    try:
+        refuse_read_only(out)
+    except CacheError as e:
+        raise ValueError(f"--out {e}") from None
     if "://" in out and not out.startswith(("file://", "local://")) or "::" in out:
         return
     path = Path(out.split("://", 1)[-1]).expanduser()

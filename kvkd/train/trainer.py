@@ -26,6 +26,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, make_dataclass
@@ -36,6 +37,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from kvkd.cache.compat import check_compatible, check_same_tokenizer, get_field
+from kvkd.cache.errors import CacheError
 from kvkd.cache.errors import CacheMismatchError
 from kvkd.cache.reader import CacheReader
 from kvkd.cache.store import resolve_cache
@@ -586,10 +588,20 @@ def train(cfg: TrainConfig, on_step: Callable[[StepLog], None] | None = None) ->
     every global batch; rank 0 alone writes the config, the log, the summary and calls
     ``on_step`` (logged values are means over the global batch).
 
+    A run folder this call created is removed again when a damaged cache stops training
+    before its first checkpoint (nothing half-made is left that reads as a run).
+
     Raises:
         see :func:`prepare` and :func:`fit`.
     """
-    return fit(prepare(cfg), on_step)
+    created = bool(cfg.out) and _rank() == 0 and not Path(cfg.out).expanduser().exists()
+    run = prepare(cfg)
+    try:
+        return fit(run, on_step)
+    except CacheError:
+        if created and run.dir.latest_checkpoint() is None:
+            shutil.rmtree(run.dir.path, ignore_errors=True)
+        raise
 
 
 def micro_batches(rows: list[int], batch_size: int, rank: int, world: int) -> list[tuple[list[int], float]]:

@@ -4,7 +4,8 @@ Usage: ``python -m tests.pipeline.kill_child CONFIG_JSON``; environment:
 
 - ``KVKD_KILL_AT=K``: at the K-th write to the local store (1-based; every object zarr writes:
   group/array ``zarr.json``, shard objects, checksums, flags, attributes) write half of the
-  object to zarr's temporary ``*.partial`` file, then SIGKILL this process (a torn write).
+  object to zarr's temporary ``*.partial`` file, then SIGKILL this process (a torn write). On an
+  fsspec store (``s3://``: a PUT is atomic, nothing is torn) it is SIGKILLed before the K-th write.
 - ``KVKD_SIGNAL_AT=SIG:K``: send SIG (INT or TERM) to this process just before the K-th write,
   and continue (the CLI's handling is what is tested, so it runs through ``kvkd.cli``).
 - ``KVKD_COUNT_FILE``: write the number of store writes there at exit.
@@ -43,6 +44,17 @@ def main() -> None:
         return await real_set(self, key, value)
 
     LocalStore.set = set
+    from zarr.storage import FsspecStore
+
+    real_remote_set = FsspecStore.set
+
+    async def remote_set(self, key, value, byte_range=None):
+        count["n"] += 1
+        if count["n"] == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return await real_remote_set(self, key, value, byte_range) if byte_range is not None else await real_remote_set(self, key, value)
+
+    FsspecStore.set = remote_set
     if os.environ.get("KVKD_COUNT_FILE"):
         atexit.register(lambda: Path(os.environ["KVKD_COUNT_FILE"]).write_text(str(count["n"])))
     import torch
