@@ -189,7 +189,7 @@ def target_loss(lm, tok, examples: list[Example], mode: str, trace: str = "nl", 
     return total / count
 
 
-def _absolute(cfg: SFTConfig) -> SFTConfig:
+def absolute_paths(cfg: SFTConfig) -> SFTConfig:
     """Local paths (model, data, DeepSpeed config, run folder) made absolute, as ``kvkd train`` records them."""
     absolute = lambda s: str(Path(s).expanduser().resolve()) if _is_local(s) else s  # noqa: E731
     out = str(Path(cfg.out).expanduser().resolve()) if "://" not in cfg.out else cfg.out
@@ -239,7 +239,7 @@ def sft(cfg: SFTConfig, on_step: Callable[[SFTStep], None] | None = None) -> SFT
         raise ValueError("no data given: pass --data (a data set, or a kvkd generate trace file)")
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1:
         raise ValueError("--steps, --batch-size and --grad-accum must be >= 1")
-    cfg = _absolute(cfg)
+    cfg = absolute_paths(cfg)
     examples = load_examples(cfg.data, split=cfg.split, fmt=cfg.data_format, offset=cfg.offset or 0, limit=cfg.limit).examples
     if not examples:
         raise ValueError(f"{cfg.data}: no rows selected")
