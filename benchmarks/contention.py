@@ -48,9 +48,12 @@ def child(args) -> None:
     caches = C.teacher_copies(C.smollm2_cache(args.rows), 2)
     bench = C.StepBench(caches, TrainConfig(student=args.student, batch_size=args.batch_size, router="similarity", num_workers=0), args.rows)
     batches = list(bench.loader(bench.batches(args.steps + 1), num_workers=0))
-    t = time.perf_counter()
+    t, cpu = time.perf_counter(), time.process_time()
     step_s = bench.timed_steps(batches)
-    print(json.dumps({"step_s": step_s, "threads": torch.get_num_threads(), "block_s": time.perf_counter() - t}))
+    # CPU seconds this process burnt per step (all its threads): with spinning OpenMP barriers under
+    # oversubscription this grows although the work per step is the same
+    cpu_s = (time.process_time() - cpu) / (args.steps + 1)
+    print(json.dumps({"step_s": step_s, "cpu_s_per_step": cpu_s, "threads": torch.get_num_threads(), "block_s": time.perf_counter() - t}))
 
 
 def run_variant(args, threads: int, policy: str | None, load: int) -> dict:
@@ -76,7 +79,7 @@ def run_variant(args, threads: int, policy: str | None, load: int) -> dict:
             p.join()
     res.update(threads_asked=threads, wait_policy=policy or "default", background=load, wall_s=time.perf_counter() - t, load_avg=list(os.getloadavg()))
     print(f"  [{time.strftime('%H:%M:%S')}] threads {threads} policy {policy or 'default'} background {load}: "
-          f"{res.get('step_s', float('nan')):.2f} s/step {res.get('error', '')}", file=sys.stderr, flush=True)
+          f"{res.get('step_s', float('nan')):.2f} s/step, {res.get('cpu_s_per_step', float('nan')):.2f} CPU s/step {res.get('error', '')}", file=sys.stderr, flush=True)
     return res
 
 

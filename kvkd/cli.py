@@ -288,6 +288,11 @@ def extract(flags: dict, config: Optional[str], dry_run: bool, student: Optional
         _fail(err)
     finally:
         signal.signal(signal.SIGTERM, previous)
+    if summary.reused is not None:
+        r = summary.reused
+        console.print(f"reused cache {summary.key} ({summary.name}) made by {r['made_by']} at {r['made_at']} with kvkd {r['kvkd_version']}", markup=False, highlight=False)
+        console.print(f"cache: {summary.path}", markup=False, highlight=False)
+        return
     for p in summary.problems:
         console.print(f"[yellow]skipped row {p['row']}: {escape(str(p['reason']))}[/]")
     if summary.too_long:
@@ -479,13 +484,23 @@ def export(flags: dict, config: Optional[str]):
 
 
 # ----------------------------------------------------------------------------- cache
+def _cache_root_option():
+    """``--cache-root`` of the ``kvkd cache`` commands, with the help of its one declaration (``StoreArgs``)."""
+    from kvkd.cache.store import StoreArgs
+
+    spec = cli_options(StoreArgs)[0]
+    return typer.Option(None, *spec.flags, help=spec.help)
+
+
 @cache_app.command("info")
-def cache_info(path: str = typer.Argument(..., help="Cache path or URL."), as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
+def cache_info(path: str = typer.Argument(..., help="Cache: a name or key of --cache-root, or a path/URL."), as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+               cache_root: Optional[str] = _cache_root_option()):
     """Print a cache's metadata, array shapes, dtypes, codecs and sizes."""
     from kvkd.cache.reader import CacheReader
+    from kvkd.cache.store import locate
 
     try:
-        info = CacheReader.open(path, allow_incomplete=True).info()
+        info = CacheReader.open(locate(path, cache_root or "")[0], allow_incomplete=True).info()
     except (ValueError, FileNotFoundError, RuntimeError) as err:
         _fail(err)
     if as_json:
@@ -512,12 +527,13 @@ def cache_info(path: str = typer.Argument(..., help="Cache path or URL."), as_js
 
 
 @cache_app.command("verify")
-def cache_verify(path: str = typer.Argument(..., help="Cache path or URL.")):
+def cache_verify(path: str = typer.Argument(..., help="Cache: a name or key of --cache-root, or a path/URL."), cache_root: Optional[str] = _cache_root_option()):
     """Check every byte (chunk and shard checksums) and every example of a cache; list each bad chunk; exit 1 if a problem is found."""
     from kvkd.cache.reader import CacheReader
+    from kvkd.cache.store import locate
 
     try:
-        reader = CacheReader.open(path, allow_incomplete=True)
+        reader = CacheReader.open(locate(path, cache_root or "")[0], allow_incomplete=True)
         with _progress("shards") as prog:
             task = prog.add_task("verify", total=reader.layout.num_shards, rate="")
             report = reader.verify_report(on_progress=lambda done, total: prog.update(task, completed=done, total=total))
@@ -530,6 +546,72 @@ def cache_verify(path: str = typer.Argument(..., help="Cache path or URL.")):
             console.print(f"[red]- {escape(p)}[/]", highlight=False)
         raise typer.Exit(code=1)
     console.print("[green]cache OK[/]" + (" (no checksums to check)" if report.notes else ""))
+
+
+@cache_app.command("ls")
+def cache_ls(root: Optional[str] = typer.Argument(None, help="Cache root (folder or fsspec URL) [default: --cache-root's default: $KVKD_CACHE_ROOT, else $KVKD_HOME/caches]."),
+             as_json: bool = typer.Option(False, "--json", help="Print JSON (one object per cache) for scripts.")):
+    """List the caches of a cache root: name, key, teacher, data, rows, M, codec, bytes, status (from the flags; nothing verified), who made it, when, kvkd version."""
+    from kvkd.cache.store import CacheStore, list_caches
+
+    try:
+        root = CacheStore(root or "").root
+        rows = list_caches(root)
+    except (*ERRORS, OSError) as err:
+        _fail(err)
+    if as_json:
+        print(json.dumps(rows, default=str, indent=1))
+        return
+    table = Table("name", "key", "teacher", "data", "rows", "M", "codec", "bytes", "status", "created by", "created at", "kvkd", title=f"caches under {root}")
+    for r in rows:
+        status = r["status"] if r["status"] != "incomplete" or r["written"] is None else f"incomplete ({r['written']}/{r['rows']} rows)"
+        table.add_row(*(escape(str(x)) if x is not None else "-" for x in (r["name"], r["key"], r["teacher"], r["data"], r["rows"], r["slots"], r["codec"],
+                      f"{r['bytes']:,}" if r["bytes"] is not None else None, status, r["created_by"], r["created"], r["kvkd_version"])))
+    console.print(table)
+    if not rows:
+        console.print(f"no caches under {root} (write one with `kvkd extract --out auto --cache-root {root}`)", markup=False, highlight=False)
+
+
+@cache_app.command("cp")
+def cache_cp(src: str = typer.Argument(..., help="Source: a name or key of --cache-root, or a cache path/URL."),
+             dst: str = typer.Argument(..., help="Destination cache path or fsspec URL (a rerun resumes a partial copy)."),
+             cache_root: Optional[str] = _cache_root_option()):
+    """Copy a cache (local <-> remote through fsspec), data first and its zarr.json last, then verify the copy with the cache's own checksums; exit 1 naming each bad chunk."""
+    from kvkd.cache.store import CopyVerifyError, copy_cache, locate
+
+    try:
+        url, _ = locate(src, cache_root or "")
+        with _progress("objects") as prog:
+            task = prog.add_task("copy", total=None, rate="")
+            result = copy_cache(url, dst, on_progress=lambda d, n: prog.update(task, completed=d, total=n))
+    except CopyVerifyError as err:
+        console.print(f"[bold red]error:[/] {escape(str(err).split(': ', 1)[0])}; rerun after fixing the source (the copy resumes):", highlight=False)
+        for p in err.problems:
+            console.print(f"[red]- {escape(p)}[/]", highlight=False)
+        raise typer.Exit(code=1)
+    except (*ERRORS, OSError) as err:
+        _fail(err)
+    console.print(f"copied {url} -> {dst}: {result.files_copied} object(s) copied ({result.bytes_copied:,} bytes), {result.files_skipped} already there; "
+                  f"verified; status {result.status}", markup=False, highlight=False)
+
+
+@cache_app.command("rm")
+def cache_rm(spec: str = typer.Argument(..., help="A name or key of --cache-root, or a cache path/URL."),
+             yes: bool = typer.Option(False, "--yes", help="Really remove it (nothing is asked interactively)."),
+             force: bool = typer.Option(False, "--force", help="Remove an incomplete cache too (a cache with a live writer's claim never is)."),
+             cache_root: Optional[str] = _cache_root_option()):
+    """Remove a cache with its key record and names; refuses a cache being written, an incomplete one without --force, and anything without --yes."""
+    from kvkd.cache.store import locate, remove_cache
+
+    try:
+        url, entry = locate(spec, cache_root or "")
+        if not yes:
+            names = f" (names: {', '.join(entry.names)})" if entry and entry.names else ""
+            raise ConfigError(f"would remove {url}{names}: pass --yes to remove it")
+        removed = remove_cache(spec, cache_root or "", force=force)
+    except (*ERRORS, OSError) as err:
+        _fail(err)
+    console.print(f"removed {', '.join(removed)}", markup=False, highlight=False)
 
 
 # ----------------------------------------------------------------------------- demo

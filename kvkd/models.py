@@ -109,6 +109,37 @@ def weights_sha256(folder: Path) -> str:
     return h.hexdigest()
 
 
+def teacher_identity(spec: str, dtype: str = "float32", revision: str | None = None) -> dict:
+    """What names a teacher's weights, computed from its files without loading it (cache store keys).
+
+    Args:
+        spec: as for :func:`load_model`.
+        dtype: the dtype it runs in (changes the cached values).
+        revision: hub revision; None for a hub id means unpinned (whatever ``main`` is).
+    Returns:
+        ``{"source": "gguf", "file_sha256"}`` for a GGUF (``smollm2`` included), ``{"source":
+        "folder", "weights_sha256", "files_sha256"}`` for a folder (weights, and every other file:
+        config, tokenizer), ``{"source": "hub", "id", "revision"}`` for a hub id; with ``dtype``.
+    Raises:
+        ModelLoadError: a missing file, or a local path that does not exist.
+    """
+    path = Path(spec).expanduser()
+    if spec == SMOLLM2_ALIAS or path.suffix == ".gguf":
+        gguf = smollm2_gguf_path() if spec == SMOLLM2_ALIAS else path
+        if not gguf.is_file():
+            raise ModelLoadError(f"GGUF file {gguf} does not exist")
+        return {"source": "gguf", "file_sha256": file_sha256(gguf), "dtype": dtype}
+    if path.is_dir():
+        others = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix not in WEIGHT_SUFFIXES)
+        h = hashlib.sha256()
+        for f in others:
+            h.update(f"{f.relative_to(path).as_posix()}\0{file_sha256(f)}\n".encode())
+        return {"source": "folder", "weights_sha256": weights_sha256(path), "files_sha256": h.hexdigest(), "dtype": dtype}
+    if path.exists() or looks_local(spec):
+        raise ModelLoadError(f"{spec}: no such model folder or .gguf file (a local path, so the hub is not asked); check the path")
+    return {"source": "hub", "id": spec, "revision": revision, "dtype": dtype}
+
+
 def _tokenizer_content(tokenizer) -> dict:
     """What decides a tokenizer's ids for a text, as canonical JSON-able data."""
     backend = getattr(tokenizer, "backend_tokenizer", None)

@@ -46,10 +46,11 @@ import math
 import multiprocessing
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
 
+from kvkd.cache.store import StoreArgs, resolve_cache
 from kvkd.config import ConfigError, RuntimeArgs, opt, override
 from kvkd.train.options import OptimArgs, parse_key_values
 
@@ -103,7 +104,7 @@ def _names(text: str) -> list[str]:
 
 
 @dataclass
-class SweepConfig(OptimArgs, RuntimeArgs):
+class SweepConfig(OptimArgs, RuntimeArgs, StoreArgs):
     """Options of ``kvkd sweep`` (besides the optimiser options every row shares and runtime).
 
     Attributes:
@@ -129,7 +130,7 @@ class SweepConfig(OptimArgs, RuntimeArgs):
     lr: float = override(OptimArgs, "lr", 5e-4, "higher for the short CPU runs, like the demo")
     warmup_steps: int = override(OptimArgs, "warmup_steps", 5, "about a tenth of --steps")
     grid: str = opt("plan", help="Built-in grid (plan, kava-table) or a YAML/JSON file of rows")
-    caches: list[str] = opt(factory=list, cli="cache", help="A teacher cache; repeat for several teachers (the first is the single-teacher rows' teacher)")
+    caches: list[str] = opt(factory=list, cli="cache", help="A teacher cache (path, URL, or a name or key of --cache-root); repeat for several teachers (the first is the single-teacher rows' teacher)")
     out: str = opt("sweep_out", help="Output folder (cells, results.md/.csv, loss.png, weights.png); resumed if present")
     rows: list[str] = opt(factory=list, cli_type=str, parse=_names, help="Comma-separated row names to run", default_text="all rows")
     seeds: list[int] = opt(factory=lambda: [0, 1], cli_type=str, parse=_ints, help="Comma-separated seeds; every row runs once per seed")
@@ -232,7 +233,7 @@ def _sft_cell_configs(cfg: SweepConfig, row: dict, seed: int, cell_dir: Path):
     from kvkd.eval.evaluate import EvalConfig
     from kvkd.sft import SFTConfig
 
-    ds = CacheReader.open(cfg.caches[0]).metadata["dataset"]
+    ds = CacheReader.open(resolve_cache(cfg.caches[0], cfg.cache_root)).metadata["dataset"]
     known = set(SFTConfig.__dataclass_fields__)
     shared = {f.name: getattr(cfg, f.name) for f in fields(OptimArgs) + fields(RuntimeArgs) if f.name != "seed"}
     opts = dict(model=cfg.student, save_every=max(1, cfg.steps // 4), data=ds["source"], split=ds.get("split"), data_format=ds.get("format", "auto"),
@@ -383,6 +384,7 @@ def run_sweep(cfg: SweepConfig, on_cell: Callable[[str, int, str], None] | None 
     """
     if not cfg.caches:
         raise ValueError("no teacher cache given: pass --cache PATH (repeat it for several teachers)")
+    cfg = replace(cfg, caches=[resolve_cache(c, cfg.cache_root) for c in cfg.caches])  # names/keys of the cache root
     if not cfg.seeds:
         raise ValueError("no seeds given: pass --seeds 0,1")
     rows = load_grid(cfg.grid)

@@ -6,6 +6,7 @@
     claims.py   shard claim files that keep a second writer out
     reader.py   CacheReader: any Zarr URL, refuses unwritten examples and incomplete caches
     compat.py   check_compatible: caches agree with each other and with the training data
+    store.py    CacheStore: a cache root of content-keyed caches and names; ls, verified cp, rm
 
 This package knows nothing of extraction or training; torch is only imported by
 ``CacheReader.row``.

@@ -20,7 +20,7 @@ import errno
 import os
 import time
 from pathlib import Path
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Callable
 
 import numpy as np
@@ -29,7 +29,8 @@ import torch
 from kvkd.cache.codecs import Compressor
 from kvkd.cache.errors import CacheError
 from kvkd.cache.schema import CacheLayout
-from kvkd.cache.writer import CacheWriter
+from kvkd.cache.store import AUTO, CacheStore, StoreArgs, is_name
+from kvkd.cache.writer import VOLATILE_KEYS, CacheWriter
 from kvkd.config import DataSelection, RuntimeArgs, opt, override
 from kvkd.data import TRACE_KINDS, DataError, Example, LoadResult, build_trace, dataset_fingerprint, load_examples
 from kvkd.models import LoadedModel, key_module, decoder_layers, load_model, resolve_device, tokenizer_identity
@@ -50,12 +51,15 @@ def _codec_names() -> list[str]:
 
 
 @dataclass
-class ExtractConfig(DataSelection, RuntimeArgs, TraceSelection):
+class ExtractConfig(DataSelection, RuntimeArgs, TraceSelection, StoreArgs):
     """Options of ``kvkd extract`` (defaults live here and in the groups, only there).
 
     Attributes (besides the data selection and runtime groups):
         model: teacher spec: ``smollm2``, a .gguf file, a model folder or a hub id.
-        out: output store path or fsspec URL (one Zarr v3 group per teacher).
+        out: output cache path or fsspec URL (one Zarr v3 group per teacher), or a name of the
+            cache root (``cache_root``; a bare name without slash, or ``auto`` for one made of
+            teacher + data): a complete cache with the same key there is reused, not recomputed
+            (see ``kvkd.cache.store``). An existing local path wins over a name.
         trace: CoT the teacher reads: ``nl`` (natural language), ``equations``, or a trace file
             of ``kvkd generate`` (the teacher's own traces, selected by ``keep``/``fallback``;
             its questions and gold answers are the data, so ``data`` stays empty).
@@ -87,7 +91,7 @@ class ExtractConfig(DataSelection, RuntimeArgs, TraceSelection):
 
     offset: int | None = override(DataSelection, "offset", 0, "")
     model: str = opt("smollm2", help="Teacher: smollm2 (packaged GGUF), a .gguf file, a model folder or a hub id")
-    out: str = opt("", help="Output cache (Zarr v3 group): a path or an fsspec URL")
+    out: str = opt("", help="Output cache: a path or fsspec URL (Zarr v3 group), or NAME / auto: a cache of --cache-root named so (auto: after teacher + data), reused if a complete one with the same settings is there")
     trace: str = opt("nl", help="CoT the teacher reads: nl (natural language), equations, or a trace file of kvkd generate (FILE.jsonl; its rows are the data)")
     drop_last_step: bool = opt(True, cli="drop-last-step/keep-last-step", help="Drop the CoT's last step (CODI) so the teacher cannot copy the answer")
     trace_fallback: str | None = opt(None, help="Trace for rows whose --trace is empty (e.g. nl for GSM8K rows without equations); none = such a row is an error", choices=TRACE_KINDS)
@@ -135,6 +139,12 @@ class ExtractSummary:
     problems: list = field(default_factory=list)
     too_long: list = field(default_factory=list)
     """ids of the rows left out as longer than the teacher's context (``too_long="skip"``)."""
+    key: str | None = None
+    """the cache store key (``--out NAME|auto``), else None."""
+    name: str | None = None
+    """the store name it was written or found under."""
+    reused: dict | None = None
+    """a complete cache with this key was found and nothing computed: ``made_by``, ``made_at``, ``kvkd_version``."""
 
 
 class ExtractInterrupted(KeyboardInterrupt):
@@ -387,8 +397,113 @@ def check_options(cfg: ExtractConfig) -> tuple[int, int]:
     if (cfg.offset or 0) < 0 or (cfg.limit is not None and cfg.limit < 0):
         raise ValueError(f"--offset and --limit must be >= 0, got --offset {cfg.offset} --limit {cfg.limit}")
     part = extraction_part(cfg)
-    check_output_path(cfg.out)
+    check_output_path(CacheStore(cfg.cache_root).root if store_name(cfg) else cfg.out)
     return part
+
+
+def store_name(cfg: ExtractConfig) -> str | None:
+    """The cache-root name ``--out`` gives (``auto`` included), or None for a path/URL (an existing
+    local path of that name wins)."""
+    return cfg.out if is_name(cfg.out) and not os.path.exists(cfg.out) else None
+
+
+KEY_IGNORED = ("out", "cache_root", "batch_size", "device", "num_threads", "trust_remote_code", "num_shards", "shard_index", "overwrite")
+"""ExtractConfig fields that never change the bytes written, so not the store key (every other
+field reaches it through the key material: the teacher, the selected rows and their traces, the
+metadata, codecs, compressor, shard size)."""
+_KEY_LOCATIONS = VOLATILE_KEYS | {"path", "questions_from"}
+"""Where files are (not what they hold): left out of the key, so two users' copies share it."""
+
+
+def _without(d, names):
+    if isinstance(d, dict):
+        return {k: _without(v, names) for k, v in d.items() if k not in names}
+    return d
+
+
+def store_key_material(cfg: ExtractConfig, data: LoadResult, traces: list[str], template: PromptTemplate, trace_meta: dict | None = None) -> dict:
+    """Everything that changes the bytes of this extraction, known before the teacher loads
+    (hashed by ``kvkd.cache.store.cache_key``).
+
+    Returns:
+        JSON: ``teacher`` (``kvkd.models.teacher_identity``: GGUF hash / folder weights and files
+        hashes / hub id + revision, and dtype), ``dataset`` (the selection as the cache records it:
+        rows fingerprint, offset, split, bad and fallback rows, trace kind or trace file hash and
+        selection, too-long policy; file locations left out), ``traces_sha256`` (the CoT texts the
+        teacher reads, which the rows fingerprint leaves out), ``prompt`` (template), ``compression``
+        (M, lambda), ``codecs``, ``compressor``, ``examples_per_shard`` and ``schema_version``.
+        The key frame follows from the teacher.
+    Raises:
+        kvkd.models.ModelLoadError: the teacher's files are missing.
+    """
+    import hashlib
+
+    from kvkd.cache.codecs import get_codecs
+    from kvkd.cache.schema import SCHEMA_VERSION
+    from kvkd.models import teacher_identity
+
+    early = early_metadata(cfg, data, template, trace_meta)
+    h = hashlib.sha256(b"kvkd.traces.v1\x00")
+    for t in traces:
+        b = t.encode("utf-8")
+        h.update(len(b).to_bytes(8, "big") + b)
+    return {
+        "teacher": teacher_identity(cfg.model, cfg.dtype),
+        "dataset": _without(early["dataset"], _KEY_LOCATIONS),
+        "traces_sha256": h.hexdigest(),
+        "prompt": early["prompt"],
+        "compression": early["compression"],
+        "codecs": get_codecs(cfg.codec).to_json(),
+        "compressor": Compressor.parse(cfg.compressor).to_json(),
+        "examples_per_shard": cfg.examples_per_shard,
+        "schema_version": SCHEMA_VERSION,
+    }
+
+
+def auto_name(cfg: ExtractConfig, data: LoadResult, key: str) -> str:
+    """``--out auto``: ``TEACHER-DATA-KEY8``, e.g. ``smollm2-gsm8k-train-3f2a9c1d`` (teacher: the alias,
+    file/folder stem or hub id; data: the trace file's stem, or the data file's folder and stem, or
+    the data set and split)."""
+    import re
+
+    local = cfg.model.endswith(".gguf") or os.path.exists(cfg.model)
+    teacher = Path(cfg.model.rstrip("/")).stem if local else cfg.model.replace("/", "--")
+    if cfg.trace not in TRACE_KINDS:
+        what = [Path(cfg.trace).stem]
+    else:
+        src = Path(str(data.source))
+        what = [src.parent.name, src.stem] if src.suffix else [src.name, cfg.split or ""]
+    label = re.sub(r"[^A-Za-z0-9._+-]+", "_", "-".join(x for x in [teacher, *what] if x)).strip("._-")[:100]
+    return f"{label}-{key[:8]}" if label else key
+
+
+def _store_target(cfg: ExtractConfig, name: str, data: LoadResult, traces: list[str], template: PromptTemplate, trace_meta: dict | None):
+    """The store entry for ``--out NAME|auto``, and an ExtractSummary if a complete cache with its key is there.
+
+    Raises:
+        CacheError: the name points at another key (naming the setting), or the found cache is damaged.
+    """
+    from kvkd.cache.reader import CacheReader
+
+    start = time.perf_counter()
+    store = CacheStore(cfg.cache_root)
+    entry = store.prepare(name, store_key_material(cfg, data, traces, template, trace_meta), lambda key: auto_name(cfg, data, key))
+    name = entry.names[0]
+    if cfg.overwrite:
+        return entry, name, None
+    try:
+        reader = CacheReader.open(entry.url)
+    except CacheError:  # none yet, or incomplete: written or resumed
+        return entry, name, None
+    reader.check_shards()  # a deleted or truncated shard file is refused, not reused
+    meta, info = reader.metadata, reader.info()
+    wall = time.perf_counter() - start
+    reused = {"made_by": entry.record.get("created_by", "?"), "made_at": meta.get("completed") or meta.get("created"), "kvkd_version": meta.get("kvkd_version")}
+    return entry, name, ExtractSummary(
+        path=entry.url, examples=len(reader), examples_written=0, shards_written=0, shards_skipped=reader.layout.num_shards, tokens=0,
+        wall_s=wall, tokens_per_s=0.0, examples_per_s=0.0, bytes_stored=info["stored_bytes"], bytes_per_example=info["bytes_per_example"],
+        complete=True, part=[0, 1], problems=[asdict(p) for p in data.problems], too_long=list(meta.get("dataset", {}).get("too_long_ids", [])),
+        key=entry.key, name=name, reused=reused)
 
 
 def check_output_path(out: str) -> None:
@@ -473,7 +588,10 @@ def extract(
 
     Order: every option is checked, the data read and an existing cache at ``out`` compared
     with this run (data, compression, codec) before the teacher is loaded; rows too long for
-    the teacher are handled (``too_long``) before anything is created.
+    the teacher are handled (``too_long``) before anything is created. With ``out`` a name of
+    the cache root (or ``auto``) the store key is computed first (``store_key_material``): a
+    complete cache with that key is returned as is (``ExtractSummary.reused``; the teacher is
+    not loaded, nothing is written), an incomplete one is resumed.
 
     Args:
         cfg: the options (see ExtractConfig).
@@ -485,6 +603,8 @@ def extract(
     Raises:
         kvkd.data.DataError: unreadable rows or empty traces.
         kvkd.cache.errors.CacheMismatchError: ``out`` holds a cache of other data/teacher/options.
+        kvkd.cache.errors.CacheError: a store name pointing at a cache of other settings (naming the
+            first that differs), or a damaged complete cache under the key.
         kvkd.cache.errors.CacheError: no space left on the device (the message names the path;
             rerunning resumes), or another writer holds a shard.
         ExtractInterrupted: Ctrl-C (or SIGTERM turned into KeyboardInterrupt by the caller).
@@ -493,6 +613,12 @@ def extract(
     part = check_options(cfg)
     data, trace_meta = load_rows(cfg)
     traces, fallback_ids = resolve_traces(data.examples, cfg)
+    key = name = None
+    if store_name(cfg):
+        entry, name, reused = _store_target(cfg, store_name(cfg), data, traces, template, trace_meta)
+        if reused is not None:
+            return reused
+        key, cfg = entry.key, replace(cfg, out=entry.url)
     if not cfg.overwrite:
         CacheWriter.precheck(cfg.out, early_metadata(cfg, data, template, trace_meta), codec=cfg.codec,
                              compressor=Compressor.parse(cfg.compressor))
@@ -570,6 +696,8 @@ def extract(
         part=list(part),
         problems=[asdict(p) for p in data.problems],
         too_long=too_long,
+        key=key,
+        name=name,
     )
 
 

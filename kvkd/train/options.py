@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+from kvkd.cache.store import StoreArgs
 from kvkd.config import ConfigError, DataSelection, RuntimeArgs, group, opt, override
 from kvkd.train.losses import FUSIONS, KV_WEIGHTINGS, LOSS_KINDS, loss_option_fields, terms  # noqa: F401  (re-exported)
 
@@ -144,7 +145,7 @@ def _parse_weights(text: str) -> list[float]:
 
 
 @dataclasses.dataclass
-class TrainConfig(DataSelection, OptimArgs, LossArgs, LoraArgs, LoaderArgs, CheckpointArgs, RuntimeArgs):
+class TrainConfig(DataSelection, OptimArgs, LossArgs, LoraArgs, LoaderArgs, CheckpointArgs, RuntimeArgs, StoreArgs):
     """Options of ``kvkd train`` (defaults live here and in the groups it inherits, only there).
 
     Attributes (besides the groups' — data, optimiser, losses, LoRA, loader, checkpoints, runtime):
@@ -181,7 +182,7 @@ class TrainConfig(DataSelection, OptimArgs, LossArgs, LoraArgs, LoaderArgs, Chec
             the training rows or the eval set are refused.
     """
 
-    caches: list[str] = opt(factory=list, cli="cache", help="A teacher cache (path or URL); repeat for several teachers")
+    caches: list[str] = opt(factory=list, cli="cache", help="A teacher cache: a path or URL, or a name or key of --cache-root; repeat for several teachers")
     out: str = opt("", help="Run folder (config, log.jsonl, checkpoints, summary); resumed if it has checkpoints")
     student: str = opt("smollm2", help="Student: smollm2 (packaged GGUF), a .gguf, a model folder or a hub id")
     router: str = opt("fixed", help="Router (see the README's table)", choices=_router_names)

@@ -42,8 +42,8 @@ WEIGHTS = "trainable.safetensors"
 # permissions (trust_remote_code comes from the flag only) and how the run reports.
 RESUMABLE_OPTIONS = (
     "steps", "save_every", "keep_checkpoints", "log_every", "num_workers", "prefetch_factor", "num_threads", "device",
-    "deepspeed", "out", "trust_remote_code", "fresh", "max_nonfinite_steps", "report_to",
-)
+    "deepspeed", "out", "trust_remote_code", "fresh", "max_nonfinite_steps", "report_to", "cache_root",
+)  # cache_root: the caches are recorded resolved
 
 
 class RunFolderError(RuntimeError):

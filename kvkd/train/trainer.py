@@ -38,6 +38,7 @@ from torch.utils.data import DataLoader
 from kvkd.cache.compat import check_compatible, check_same_tokenizer, get_field
 from kvkd.cache.errors import CacheMismatchError
 from kvkd.cache.reader import CacheReader
+from kvkd.cache.store import resolve_cache
 from kvkd.data import dataset_fingerprint, load_examples
 from kvkd.traces import check_same_rows
 from kvkd.eval.overlap import refuse_overlap
@@ -308,12 +309,17 @@ def _is_local(spec: str) -> bool:
 
 def absolute_paths(cfg: TrainConfig) -> TrainConfig:
     """``cfg`` with every local path (student, caches, data, DeepSpeed config, run folder) made
-    absolute, so a run folder is usable (eval, export, resume) from any working directory."""
+    absolute, and cache names/keys resolved through the cache root (``kvkd.cache.store``), so a
+    run folder is usable (eval, export, resume) from any working directory.
+
+    Raises:
+        kvkd.cache.errors.CacheError: an unknown cache name (naming the closest ones).
+    """
     absolute = lambda s: str(Path(s).expanduser().resolve()) if _is_local(s) else s  # noqa: E731
     return dataclasses.replace(
         cfg,
         student=cfg.student if cfg.student == "smollm2" else absolute(cfg.student),
-        caches=[absolute(c) for c in cfg.caches],
+        caches=[absolute(resolve_cache(c, cfg.cache_root)) for c in cfg.caches],
         data=absolute(cfg.data),
         deepspeed=absolute(cfg.deepspeed),
         out=str(Path(cfg.out).expanduser().resolve()) if cfg.out and "://" not in cfg.out else cfg.out,
