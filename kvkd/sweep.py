@@ -45,6 +45,7 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -243,6 +244,7 @@ def _sft_cell_configs(cfg: SweepConfig, row: dict, seed: int, cell_dir: Path):
     scfg = SFTConfig(out=str(cell_dir), seed=seed, **opts)
     ecfgs = {
         name: EvalConfig(model=str(cell_dir / "model"), mode=scfg.mode, data=path, split=split, limit=cfg.eval_limit, seed=seed,
+                         out=str(cell_dir / "evals" / f"{name}-{scfg.mode}"),  # in the cell folder (a plain model has no run folder)
                          answer_check="math" if "math" in name.lower() else "auto",
                          num_threads=cfg.num_threads, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
         for name, path, split in _eval_sets(cfg)
@@ -351,6 +353,8 @@ def _run_cell(cfg_json: str, row_json: str, seed: int, cell_dir: str, parent_pid
         figures = json.loads(measured.read_text())  # a trained cell resumed at evaluation keeps its training figures
         evals = {}
         for name, ecfg in ecfgs.items():
+            if "sft" in row:  # its own --out: an evaluation a kill left behind is redone, as the latent cells' are
+                shutil.rmtree(ecfg.out, ignore_errors=True)
             res = evaluate(ecfg)
             res.name = name
             evals[name] = asdict(res)

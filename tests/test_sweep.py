@@ -186,6 +186,7 @@ def test_kava_table_sft_rows_train_with_kvkd_sft_and_evaluate_in_their_mode(tmp_
         assert recorded["data"] == str(data) and recorded["limit"] == 8 and recorded["seed"] == 0  # the cache's rows
         ev = cells[row]["evals"]["gsm8k"]
         assert ev["n"] == 2 and ev["mode"] == mode  # evaluated in its decoding mode, on the exported model
+        assert (run / "evals" / f"gsm8k-{mode}" / "metrics.json").is_file()  # inside the cell folder
         assert cells[row]["mean_weights"] == [] and cells[row]["final_loss"] == json.loads((run / "summary.json").read_text())["final_loss"]
     assert cell_dir(cfg, {"name": "x", "sft": {"mode": "cot"}}, 0).name != cell_dir(cfg, {"name": "x", "sft": {"mode": "cot", "lr": 1e-3}}, 0).name
     lines = (tmp_path / "sweep" / "results.md").read_text()
