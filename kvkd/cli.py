@@ -68,7 +68,7 @@ def _sigterm_to_interrupt(signum, frame):
 
 def _fail(err: Exception) -> None:
     msg = err.args[0] if isinstance(err, KeyError) and err.args else err
-    console.print(f"[bold red]error:[/] {msg}", markup=True, highlight=False)
+    console.print(f"[bold red]error:[/] {escape(str(msg))}", markup=True, highlight=False, soft_wrap=True)  # one line, never wrapped
     raise typer.Exit(code=2)
 
 
@@ -138,11 +138,15 @@ def config_command(target, cls, section: str, *, name: str | None = None, extra:
 def _resolve(cls, section: str, config: str | None, flags: dict):
     """Resolve a config and apply its process-global settings (threads) here, in the CLI."""
     cfg = resolve(cls, section, config, flags)
-    threads = getattr(cfg, "num_threads", 0)
-    if threads:
+    if hasattr(cfg, "num_threads"):
         import torch
 
+        from kvkd.threads import resolve_threads
+
+        threads, why = resolve_threads(cfg.num_threads)
         torch.set_num_threads(threads)
+        if not cfg.num_threads and threads < (os.cpu_count() or 1):  # auto chose fewer than torch would: say why
+            print(f"torch threads: {why}", file=sys.stderr, flush=True)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not console.is_terminal:  # a log file gets kvkd's progress lines, not transformers' tqdm bars
         from transformers.utils import logging as hf_logging
@@ -673,6 +677,9 @@ def sweep(flags: dict, config: Optional[str]):
     except ERRORS as err:
         _fail(err)
     console.print(result["table"])
+    if result.get("missing"):
+        console.print(f"[bold yellow]warning:[/] the table lacks {len(result['missing'])} cell(s): {', '.join(result['missing'])} "
+                      "(marked MISSING in results.md and in results.csv's missing_seeds); rerun the same command to run them", highlight=False, soft_wrap=True)
     console.print(f"table: {cfg.out}/results.md, {result['csv']}; plots: {result['loss_png']}, {result['weights_png']}")
 
 

@@ -239,13 +239,14 @@ class RuntimeArgs:
 
     Attributes:
         device: ``auto`` (this rank's CUDA device if visible, else cpu), ``cpu`` or ``cuda[:N]``.
-        num_threads: torch CPU threads (0 = torch's default); set by the CLI, not the library.
+        num_threads: torch CPU threads; 0 = the cores free when the command starts (cores minus
+            the 1-minute load average, at least 1: ``kvkd.threads``); set by the CLI, not the library.
         trust_remote_code: let a checkpoint run its own Python code (off unless the person
             running the command passes ``--trust-remote-code``).
     """
 
     device: str = opt("auto", help="auto (this rank's CUDA device if visible, else cpu), cpu or cuda[:N]")
-    num_threads: int = opt(0, cli="threads", help="torch CPU threads (0 = torch's default)")
+    num_threads: int = opt(0, cli="threads", help="torch CPU threads (0 = the cores free at start: cores minus load average, at least 1)")
     trust_remote_code: bool = opt(False, cli="trust-remote-code/no-trust-remote-code", help="Let the checkpoint run its own Python code")
 
 
@@ -406,6 +407,8 @@ def resolve(cls: type[T], section: str, config_file: str | None, flags: dict[str
             data = data[section]
         hints = typing.get_type_hints(cls)
         values.update({k: _yaml_float(v, hints[k]) for k, v in _flatten_file(cls, data, f"config file {config_file}", section).items()})
+        for k, v in values.items():  # a wrong value in the file is refused even where a flag overrides it
+            check_value(cls, k, v, f"config file {config_file}")
     bad = sorted(set(k for k, v in flags.items() if v is not None) - known)
     if bad:
         raise ConfigError(f"unknown option(s) {bad} for `{section}`")

@@ -62,6 +62,9 @@ _NUMBER_RE = re.compile(
 _MAX_PLAIN_EXPONENT = 50
 
 
+FIX_ROW = "Fix the row"  # the end of a bad-row message; commands that can skip bad rows name their flag after it
+
+
 class DataError(ValueError):
     """A data source or row that cannot be read; the message says what and how to fix it."""
 
@@ -382,18 +385,18 @@ def _resolve_path(source: str, split: str | None) -> Path:
         found = sorted(p for p in path.iterdir() if p.suffix in _FILE_SUFFIXES and p.is_file())
         if len(found) == 1:  # a folder with one split needs no split
             return found[0]
-        raise DataError(f"{path} is a directory with splits {[p.stem for p in found]}: pick one with --split "
-                        "(split= in Python)")
+        raise DataError(f"{path} is a directory with splits {[p.stem for p in found]}: pick one with --split")
     for suffix in _FILE_SUFFIXES:
         if (path / f"{split}{suffix}").is_file():
             return path / f"{split}{suffix}"
     found = sorted(p.stem for p in path.iterdir() if p.suffix in _FILE_SUFFIXES)
-    raise DataError(f"{path} has no {split}.jsonl/.json/.txt; splits there: {found}")
+    raise DataError(f"{path} has no {split}.jsonl/.json/.txt for --split {split}; splits there: {found}: pass --split "
+                    + " or ".join(found or ["NAME"]))
 
 
 def _hf_rows(name: str, split: str | None) -> Iterator[tuple[int, dict]]:
     if split is None:
-        raise DataError(f"Hugging Face data set {name!r} needs a split: --split train or test (split= in Python)")
+        raise DataError(f"Hugging Face data set {name!r} needs a split: --split train or test")
     repo, _, config = name.partition(":")
     config = config or _HF_DEFAULT_CONFIGS.get(repo)
     try:
@@ -487,8 +490,7 @@ def load_examples(
                 raise _RowError(f"duplicate id {example.id!r}")
         except _RowError as e:
             if on_bad_row == "raise":
-                raise DataError(f"{where}, row {row} (format {fmt}): {e}. Fix the row (or, from Python, "
-                                "pass on_bad_row='report' to skip bad rows and list them)") from None
+                raise DataError(f"{where}, row {row} (format {fmt}): {e}. {FIX_ROW}") from None
             problems.append(RowProblem(row, str(e)))
             continue
         seen.add(example.id)

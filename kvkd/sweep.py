@@ -328,8 +328,11 @@ def _run_cell(cfg_json: str, row_json: str, seed: int, cell_dir: str, parent_pid
     from kvkd.train.trainer import train
 
     cfg = SweepConfig(**json.loads(cfg_json))
-    if cfg.num_threads:  # this process is the cell's entry point: its global settings are ours to set
-        torch.set_num_threads(cfg.num_threads)
+    from kvkd.threads import resolve_threads
+
+    # this process is the cell's entry point: its global settings are ours to set (0 = the cores
+    # free now, which counts the sweep's other running cells)
+    torch.set_num_threads(resolve_threads(cfg.num_threads)[0])
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     row = json.loads(row_json)
     cell = Path(cell_dir)
@@ -373,6 +376,32 @@ def _cell_done(cfg: SweepConfig, row: dict, seed: int, cell: Path) -> bool:
     return json.loads(path.read_text()).get("eval_key") == _eval_key(ecfgs)
 
 
+def check_cells(cfg: SweepConfig, rows: list[dict]) -> None:
+    """Before any cell starts: every cell's training options pass ``kvkd train``'s checks, and its
+    caches pass the same full compatibility check as ``kvkd train`` (complete, shards match their
+    checksums records, rows, fingerprints, M, prompt, key frame, tokenizer), each distinct set of
+    caches and rows once.
+
+    Raises:
+        ValueError: a bad option, prefixed with the row (``sweep row NAME: ...``).
+        kvkd.cache.errors.CacheError / CacheMismatchError / kvkd.data.DataError: as
+            :func:`kvkd.train.trainer.open_training_data`, naming the cache.
+    """
+    from kvkd.train.trainer import check_options, open_training_data
+
+    checked = set()
+    for row in rows:
+        tcfg, _ = _cell_configs(cfg, row, cfg.seeds[0], Path(cfg.out))
+        try:
+            check_options(tcfg)
+        except ValueError as err:
+            raise ValueError(f"sweep row {row['name']}: {err}") from None
+        key = (tuple(tcfg.caches), tcfg.data, tcfg.split, tcfg.data_format, tcfg.offset, tcfg.limit, tcfg.require_same_tokenizer)
+        if key not in checked:
+            open_training_data(tcfg)
+            checked.add(key)
+
+
 def run_sweep(cfg: SweepConfig, on_cell: Callable[[str, int, str], None] | None = None) -> dict:
     """Run (or resume) every cell of the grid, then write the table and plots.
 
@@ -384,6 +413,8 @@ def run_sweep(cfg: SweepConfig, on_cell: Callable[[str, int, str], None] | None 
     Raises:
         ValueError: bad grid or options (no caches, no seeds, unknown row names).
         kvkd.data.DataError: an eval set shares rows with the caches' training rows.
+        kvkd.cache.errors.CacheError, CacheMismatchError: a cell's caches fail ``kvkd train``'s
+            checks (before any cell starts, see :func:`check_cells`).
         RuntimeError: a cell's subprocess failed (names the cell and its folder).
     """
     if not cfg.caches:
@@ -404,6 +435,7 @@ def run_sweep(cfg: SweepConfig, on_cell: Callable[[str, int, str], None] | None 
         if "://" not in c and not Path(c).exists():
             raise ValueError(f"teacher cache {c} does not exist")
     refuse_cache_overlap(cfg.caches[0], _eval_sets(cfg))  # eval questions among the training rows: refuse up front
+    check_cells(cfg, rows)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     cells = {(row["name"], seed): cell_dir(cfg, row, seed) for row in rows for seed in cfg.seeds}
@@ -473,7 +505,14 @@ def write_report(out: Path, rows: list[dict], seeds: list[int], folders: dict[tu
     Wilson interval of the answers of all seeds pooled), ``E_nll_mean``, ``E_nll_std``
     (gold-answer NLL, nats/token); then ``train_wall_s``, ``step_s``, ``peak_rss_mb`` (means
     over seeds) and ``weight_t0``, ``weight_t1``, ... (mean router weight per teacher; empty
-    for rows with fewer teachers). ``results.md`` shows the same as "mean ± std" text.
+    for rows with fewer teachers), ``missing_seeds`` (the seeds whose cell is missing, space-separated;
+    empty when none; a row with no cell at all has only its name, ``seeds`` 0 and this).
+    ``results.md`` shows the same as "mean ± std" text, opened by an INCOMPLETE line naming the
+    missing cells when there are any, each such row marked MISSING.
+
+    Returns:
+        dict with ``table``, ``csv``, ``loss_png``, ``weights_png``, ``cells`` and ``missing``
+        (``"ROW seed S"`` per missing cell, for the caller to warn about).
     """
     cells = {}
     for key, folder in folders.items():
@@ -481,22 +520,34 @@ def write_report(out: Path, rows: list[dict], seeds: list[int], folders: dict[tu
             cells[key] = json.loads((folder / "cell.json").read_text())
     eval_names = sorted({n for c in cells.values() for n in c["evals"]})
     records = []
+    missing = [f"{row['name']} seed {s}" for row in rows for s in seeds if (row["name"], s) not in cells]
     for row in rows:
         got = [cells[(row["name"], s)] for s in seeds if (row["name"], s) in cells]
+        absent = " ".join(str(s) for s in seeds if (row["name"], s) not in cells)
         if got:
-            records.append(_aggregate(got, row, eval_names))
+            records.append({**_aggregate(got, row, eval_names), "missing_seeds": absent})
+        else:
+            records.append({"row": row["name"], "router": row.get("train", {}).get("router", "fixed"), "teachers": row.get("teachers", "all"),
+                            "seeds": 0, "missing_seeds": absent})
     header = ["row", "router", "teachers", "seeds"]
     for n in eval_names:
         header += [f"{n} acc %", f"{n} NLL"]
     header += ["train wall s", "step s", "peak RSS MB", "mean weights"]
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in records:
-        line = [r["row"], r["router"], r["teachers"], str(r["seeds"])]
+        seeds_text = f"{r['seeds']} (MISSING seed {r['missing_seeds']})" if r["missing_seeds"] else str(r["seeds"])
+        line = [r["row"], r["router"], r["teachers"], seeds_text]
+        if not r["seeds"]:
+            md.append("| " + " | ".join(line + ["MISSING"] * (len(header) - len(line))) + " |")
+            continue
         for n in eval_names:
             line += [f"{100 * r[f'{n}_acc_mean']:.1f} ± {100 * r[f'{n}_acc_std']:.1f}", f"{r[f'{n}_nll_mean']:.3f} ± {r[f'{n}_nll_std']:.3f}"]
         weights = [r[k] for k in r if k.startswith("weight_t")]
         line += [f"{r['train_wall_s']:.1f}", f"{r['step_s']:.2f}", f"{r['peak_rss_mb']:.0f}", "/".join(f"{w:.2f}" for w in weights)]
         md.append("| " + " | ".join(line) + " |")
+    if missing:
+        md.insert(0, f"**INCOMPLETE: {len(missing)} of {len(rows) * len(seeds)} cells missing ({', '.join(missing)}); "
+                     "their rows average fewer seeds.**\n")
     table = "\n".join(md)
     columns = list(dict.fromkeys(k for r in records for k in r))
     buf = io.StringIO()
@@ -507,7 +558,7 @@ def write_report(out: Path, rows: list[dict], seeds: list[int], folders: dict[tu
     (out / "results.csv").write_text(buf.getvalue())
     loss_png, weights_png = _plot_grid(out, rows, seeds, folders)
     return {"table": table, "csv": str(out / "results.csv"), "loss_png": loss_png, "weights_png": weights_png,
-            "cells": list(cells.values())}
+            "cells": list(cells.values()), "missing": missing}
 
 
 def _plot_grid(out: Path, rows: list[dict], seeds: list[int], folders: dict[tuple[str, int], Path]) -> tuple[str, str]:

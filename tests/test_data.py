@@ -241,7 +241,7 @@ def test_gsm8k_and_icot_test_sets_share_a_fingerprint():
 def test_bad_rows_raise_with_file_and_row(tmp_path):
     good = _gsm8k_line("Q1?", "1+1 = <<1+1=2>>2\n#### 2")
     path = _write(tmp_path / "g.jsonl", [good, "", '{"question": "Q2?", "answer": ', good])
-    with pytest.raises(DataError, match=rf"{path}, row 3 \(format gsm8k\): invalid JSON.*on_bad_row='report'"):
+    with pytest.raises(DataError, match=rf"{path}, row 3 \(format gsm8k\): invalid JSON.*Fix the row$"):
         load_examples(str(path))
 
 

@@ -156,6 +156,18 @@ def test_results_csv_is_numeric(tmp_path):
     assert float(single["train_wall_s"]) == pytest.approx(10.5) and single["weight_t1"] == ""
     assert pair["router"] == "similarity" and float(pair["gsm8k_acc_std"]) == 0.0 and float(pair["weight_t1"]) == 0.75
     assert "| single | fixed | first | 2 | 30.0 ± 14.1 | 2.500 ± 0.707 |" in result["table"]
+    # pair seed 1 is missing: said loudly, not only by a seeds column
+    assert result["missing"] == ["pair seed 1"] and single["missing_seeds"] == "" and pair["missing_seeds"] == "1"
+    assert result["table"].startswith("**INCOMPLETE: 1 of 4 cells missing (pair seed 1)")
+    assert "| pair | similarity | all | 1 (MISSING seed 1) |" in result["table"]
+    assert (tmp_path / "results.md").read_text().startswith("**INCOMPLETE")
+    rows.append({"name": "absent"})  # a row with no cell at all is listed, not dropped
+    folders.update({("absent", s): tmp_path / "cells" / "absent" / f"seed-{s}" for s in (0, 1)})
+    result = write_report(tmp_path, rows, [0, 1], folders)
+    assert result["missing"] == ["pair seed 1", "absent seed 0", "absent seed 1"]
+    assert "| absent | fixed | all | 0 (MISSING seed 0 1) | MISSING |" in result["table"]
+    absent = list(csv.DictReader(open(result["csv"])))[2]
+    assert absent["row"] == "absent" and absent["seeds"] == "0" and absent["missing_seeds"] == "0 1" and absent["gsm8k_acc_mean"] == ""
 
 
 def test_kava_table_grid_rows_are_valid_training_options():

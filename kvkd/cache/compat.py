@@ -49,8 +49,9 @@ def check_compatible(
         distinct = {repr(v) for v in values.values()}
         if len(distinct) > 1 or MISSING in values.values():
             listing = "; ".join(f"{name}: {v!r}" for name, v in values.items())
+            cause = f" ({dataset_differences(caches)})" if field.startswith("dataset.") else ""
             raise CacheMismatchError(
-                f"teacher caches disagree on {field}: {listing}. Re-extract the odd cache(s) with the "
+                f"teacher caches disagree on {field}{cause}: {listing}. Re-extract the odd cache(s) with the "
                 "same data set, tokenizer and compression settings",
                 field,
                 values,
@@ -66,6 +67,23 @@ def check_compatible(
                 field,
                 {**values, "expected": want},
             )
+
+
+# what a cache's dataset record says about its rows, in the words of the extract flags
+_ROW_FIELDS = (("source", "--data"), ("split", "--split"), ("format", "--format"), ("offset", "--offset"), ("selected_rows", "rows selected"),
+               ("rows", "rows held"), ("trace", "--trace"), ("bad_rows", "rows skipped as bad"), ("too_long_ids", "rows skipped as too long"))
+
+
+def dataset_differences(caches: Sequence[tuple[str, dict[str, Any]]]) -> str:
+    """Why caches' data-set fingerprints differ, from their ``dataset`` records: each differing
+    selection field with every cache's value (``"rows held: a.zarr 8, b.zarr 6"``), or "same
+    selection, different row content" when only the text of the rows differs."""
+    parts = []
+    for key, label in _ROW_FIELDS:
+        values = {name: (meta.get("dataset") or {}).get(key) for name, meta in caches}
+        if len({repr(v) for v in values.values()}) > 1:
+            parts.append(f"{label}: " + ", ".join(f"{name} {v}" for name, v in values.items()))
+    return "; ".join(parts) if parts else "same selection, different row content"
 
 
 def tokenizer_differences(a: dict[str, Any], b: dict[str, Any]) -> list[str]:

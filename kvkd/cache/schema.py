@@ -92,10 +92,10 @@ class CacheLayout:
     def __post_init__(self):
         for name, value in asdict(self).items():
             if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
-                raise ValueError(f"CacheLayout.{name} must be an int, got {value!r}")
+                raise ValueError(f"cache layout: {name} must be an int, got {value!r}")
             least = 0 if name == "examples_per_shard" else 1
             if value < least:
-                raise ValueError(f"CacheLayout.{name} must be >= {least}, got {value}")
+                raise ValueError(f"cache layout: {name} must be >= {least}, got {value}")
 
     # ---- arrays -------------------------------------------------------------------------------
 

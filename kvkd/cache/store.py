@@ -220,6 +220,12 @@ class CacheStore:
             name = auto_name(key)
         if not is_name(name):
             raise CacheError(f"--out {name!r} is not a store name (letters, digits, ._+-; no slash); give a path with a slash (./{name}) for a folder")
+        existing = self.name_record(name)  # refuse before anything is written
+        if existing is not None and existing.get("key") != key:
+            old = (self.key_record(existing.get("key", "")) or {}).get("material")
+            raise CacheError(
+                f"--out {name}: that name points at cache {existing.get('key')} made with {_diff_text(old, material)}; "
+                f"choose another name (or --out auto), or free it with `kvkd cache rm {name} --yes`")
         record = self.key_record(key)
         if record is None:
             record = {"key": key, "material": material, "created_by": who(), "created": _now(), "kvkd_version": _kvkd_version()}
@@ -227,12 +233,6 @@ class CacheStore:
         elif record.get("material") != json.loads(json.dumps(material)):
             raise CacheError(f"{self.root}: key {key} is recorded for other settings ({_diff_text(record.get('material'), material)}); "
                              f"a key collision or a damaged record: remove it with `kvkd cache rm {key} --yes`")
-        existing = self.name_record(name)
-        if existing is not None and existing.get("key") != key:
-            old = (self.key_record(existing.get("key", "")) or {}).get("material")
-            raise CacheError(
-                f"--out {name}: that name points at cache {existing.get('key')} made with {_diff_text(old, material)}; "
-                f"choose another name (or --out auto), or free it with `kvkd cache rm {name} --yes`")
         if existing is None:
             self._write_json(self._p(NAMES_DIR, f"{name}.json"), {"name": name, "key": key, "created": _now(), "created_by": who()})
         return StoreEntry(key, self.url_of(key), [name], record)

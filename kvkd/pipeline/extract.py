@@ -32,7 +32,7 @@ from kvkd.cache.schema import CacheLayout
 from kvkd.cache.store import AUTO, CacheStore, StoreArgs, is_name
 from kvkd.cache.writer import VOLATILE_KEYS, CacheWriter
 from kvkd.config import DataSelection, RuntimeArgs, opt, override
-from kvkd.data import TRACE_KINDS, DataError, Example, LoadResult, build_trace, dataset_fingerprint, load_examples
+from kvkd.data import FIX_ROW, TRACE_KINDS, DataError, Example, LoadResult, build_trace, dataset_fingerprint, load_examples
 from kvkd.models import LoadedModel, key_module, decoder_layers, load_model, resolve_device, tokenizer_identity
 from kvkd.pipeline.capture import Capture, TeacherBatch, capture_batch
 from kvkd.pipeline.compress import DEFAULT_LAMBDA, gather_slots, select_slots
@@ -99,7 +99,7 @@ class ExtractConfig(DataSelection, RuntimeArgs, TraceSelection, StoreArgs):
     lam: float = opt(DEFAULT_LAMBDA, cli="lambda", help="KaVa eviction score weight of importance vs uniqueness, in [0, 1]")
     batch_size: int = opt(8, help="Examples per teacher forward")
     dtype: str = opt("float32", help="Teacher dtype: float32, bfloat16 or float16", choices=("float32", "bfloat16", "float16"))
-    codec: str = opt("float16", help="Storage codecs of keys/values/hidden: a preset (fp16; int8 = keys int8 per channel, values int8 per token, hidden int8 with fp16 outliers, within 1% error; int4 the same at 4 bits) or one codec for all three", choices=_codec_names)
+    codec: str = opt("int8", help="Storage codecs of keys/values/hidden: a preset (fp16; int8 = keys int8 per channel, values int8 per token, hidden int8 with fp16 outliers, within 1% error; int4 the same at 4 bits) or one codec for all three", choices=_codec_names)
     compressor: str = opt("zstd:3", help="Byte compressor: zstd:LEVEL, blosc:LEVEL:byte|bit|none, or none")
     examples_per_shard: int = opt(0, help="Examples per shard file (0 = about 32 MB of data per shard)")
     overwrite: bool = opt(False, cli="overwrite/no-overwrite", help="Replace an existing cache at --out instead of resuming it")
@@ -538,8 +538,10 @@ def select_rows(cfg: ExtractConfig) -> LoadResult:
         data = load_examples(cfg.data, split=cfg.split, fmt=cfg.data_format, limit=cfg.limit, offset=cfg.offset or 0,
                              on_bad_row="report" if cfg.on_bad_row == "skip" else "raise")
     except DataError as e:  # name the CLI flag, not the library argument
-        raise DataError(str(e).replace("(or, from Python, pass on_bad_row='report' to skip bad rows and list them)",
-                                       "(or pass --on-bad-row skip to leave bad rows out and list them)")) from None
+        msg = str(e)
+        if msg.endswith(FIX_ROW):
+            msg += " (or pass --on-bad-row skip to leave bad rows out and list them)"
+        raise DataError(msg) from None
     if not data.examples:
         raise ValueError(f"{cfg.data}: no examples selected (--offset {cfg.offset}, --limit {cfg.limit})")
     return data

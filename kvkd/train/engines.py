@@ -181,6 +181,12 @@ class PlainEngine:
         self._accumulating = False
         self.sched.step()
 
+    def drop_micro_batch(self, loss: torch.Tensor, step: bool = True) -> None:
+        """A micro-batch of a step already known to be skipped (a non-finite loss in it or before
+        it): no backward; at the step's last micro-batch (``step``) :meth:`skip_step`."""
+        if step:
+            self.skip_step()
+
     def save(self, run: Path, step: int, keep: int) -> Path:
         """Write ``checkpoints/step-N`` (weights, optimiser, ``state.json``) through a temp folder.
 
@@ -286,6 +292,8 @@ class DeepSpeedEngine:
                 if isinstance(m, torch.nn.LayerNorm) and m.weight is not None:
                     m.register_forward_pre_hook(_input_to_weight_dtype)
         self.info = EngineInfo("deepspeed", self.world_size, self.stage, str(self.half).replace("torch.", "") if self.half else cfg.dtype)
+        self._drop = self._skipped = False
+        self._guard_optimizer()
 
     def _config(self, cfg) -> dict:
         path = Path(cfg.deepspeed)
@@ -333,17 +341,62 @@ class DeepSpeedEngine:
         return float(bad) == 0.0
 
     def backward_step(self, loss: torch.Tensor, step: bool = True) -> bool:
-        """DeepSpeed's backward and step (clipping per the config's ``gradient_clipping``; fp16
-        loss scaling skips overflowing steps itself); returns True. The trainer scales each
-        micro-batch's loss itself; DeepSpeed counts the micro-batches
-        (``gradient_accumulation_steps``) and steps optimiser, clipping and schedule at the boundary."""
+        """DeepSpeed's backward and step (clipping per the config's ``gradient_clipping``). The
+        trainer scales each micro-batch's loss itself; DeepSpeed counts the micro-batches
+        (``gradient_accumulation_steps``) and steps optimiser, clipping and schedule at the boundary.
+
+        At the boundary the update is skipped, on every rank, when a gradient is NaN/inf (the
+        guard on the optimiser's step, :meth:`_guard_optimizer`, or ZeRO's own overflow check)
+        or when :meth:`drop_micro_batch` marked the step; the schedule moves on either way (as
+        :class:`PlainEngine`'s). Returns False when the boundary's update was skipped, else True.
+        """
+        boundary = self.engine.is_gradient_accumulation_boundary()
         self.engine.backward(loss, scale_wrt_gas=False)
-        self.engine.step()
-        return True
+        self.engine.step()  # DeepSpeed's micro-step counter and gradient buffers move on every micro-batch
+        if not boundary:
+            return True
+        applied = self.engine.was_step_applied()
+        if not applied:  # ZeRO/fp16 overflow: DeepSpeed skipped the update and left the schedule where it was
+            self.engine.lr_scheduler.step()
+        skipped = self._skipped or not applied
+        self._skipped = self._drop = False
+        return not skipped
+
+    def drop_micro_batch(self, loss: torch.Tensor, step: bool = True) -> None:
+        """A micro-batch of a step already known to be skipped (a non-finite loss in it or before
+        it): it still goes through DeepSpeed's backward and step, so the micro-step counter and
+        the gradient buffers stay in step with the accumulation boundary, but the step's update is
+        skipped (its gradients are dropped by DeepSpeed's own ``zero_grad``) and the schedule
+        moves on."""
+        self._drop = True
+        self.backward_step(loss, step)
 
     def skip_step(self) -> None:
-        """A step whose loss is non-finite on some rank: no backward, the schedule moves on."""
+        """A whole step skipped without a backward: the schedule moves on (only valid at an
+        accumulation boundary; the trainer uses :meth:`drop_micro_batch`)."""
         self.engine.lr_scheduler.step()
+
+    def _guard_optimizer(self) -> None:
+        """Wrap the innermost torch optimiser's ``step`` (what DeepSpeed calls at the boundary,
+        once per ZeRO parameter group) so it does nothing when the step is marked dropped or a
+        gradient it would apply is NaN/inf on any rank: no update, no optimiser state change, as
+        :class:`PlainEngine` skips. (ZeRO-1/2 also detects a non-finite gradient norm itself; the
+        guard covers ZeRO-0/3, bf16 and dropped steps.)"""
+        inner = self.engine.optimizer
+        while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
+            inner = inner.optimizer
+        real = inner.step
+
+        def step(*args, **kwargs):
+            bad = self._drop or any(p.grad is not None and not bool(torch.isfinite(p.grad).all()) for g in inner.param_groups for p in g["params"])
+            flag = torch.tensor([1.0 if bad else 0.0], device=self.device)
+            self.dist.all_reduce(flag)
+            if float(flag) > 0:
+                self._skipped = True
+                return None
+            return real(*args, **kwargs)
+
+        inner.step = step
 
     def _gathered(self):
         """Full (unpartitioned) trainable parameters on every rank for the duration (ZeRO-3)."""

@@ -153,6 +153,24 @@ def open_teachers(cfg: TrainConfig) -> tuple[list[CacheReader], list[dict]]:
     return readers, [r.metadata for r in readers]
 
 
+def open_training_data(cfg: TrainConfig) -> tuple[list[CacheReader], list[dict], list]:
+    """Every check ``kvkd train`` makes of its caches and rows before it creates anything, read-only:
+    the caches open as complete, every written shard's objects match its checksums record (by size
+    and index), the caches agree with each other (rows, fingerprint, M, prompt, key frame, the
+    tokenizer with ``--require-same-tokenizer``), and the training rows match their fingerprint.
+    ``kvkd sweep`` runs it for every cell before starting any.
+
+    Returns:
+        (readers, metadata per cache, training examples).
+    Raises:
+        kvkd.cache.errors.CacheError: a cache that is incomplete or damaged (names array and shard).
+        kvkd.cache.errors.CacheMismatchError: caches that disagree (names the field and the cause).
+        kvkd.data.DataError: training rows that cannot be read or do not match the caches.
+    """
+    readers, metas = open_teachers(cfg)
+    return readers, metas, load_training_examples(cfg, metas[0])
+
+
 def load_training_examples(cfg: TrainConfig, meta: dict):
     """The training rows: ``cfg.data`` if given, else the data set recorded in the cache;
     refused unless their fingerprint equals the caches'."""
@@ -386,8 +404,7 @@ def prepare(cfg: TrainConfig) -> Run:
         lead = _rank() == 0
         if lead and rundir.path.is_dir():  # an existing folder: refuse a second trainer before any work
             stack.enter_context(rundir.lock())
-        readers, metas = open_teachers(cfg)  # read-only: a damaged cache is refused before a new run folder exists
-        examples = load_training_examples(cfg, metas[0])
+        readers, metas, examples = open_training_data(cfg)  # read-only: a damaged cache is refused before a new run folder exists
         refuse_overlap(examples, cfg.eval_data)  # eval questions among the training rows: refuse before training
         validator = Validator(cfg, examples, rundir.path)  # --valid-data: held-out rows (overlaps refused), scored in fit
         if lead and not rundir.path.is_dir():
@@ -509,8 +526,8 @@ def _fit(run: Run, on_step) -> TrainSummary:
                 if why is None:
                     if not engine.backward_step(loss * scale, step=last_micro):
                         why = "non-finite gradient"
-                elif last_micro:
-                    engine.skip_step()  # no update; drops any gradient accumulated this step
+                else:  # no update this step; drops any gradient accumulated in it, keeps the engine's counters in step
+                    engine.drop_micro_batch(loss * scale, step=last_micro)
                 parts.append((_global_logs(engine, part, len(batch["index"])), scale))
             logs = _mean_logs(parts)
             now = time.perf_counter()

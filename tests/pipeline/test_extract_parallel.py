@@ -129,13 +129,13 @@ def test_a_shard_written_behind_a_parts_back_fails_loudly(rows, tmp_path, tiny_t
 
 def _open_args(out):
     """Layout, metadata, codec and compressor of an existing cache (to open a second writer)."""
-    from kvkd.cache.codecs import Compressor, get_codec
+    from kvkd.cache.codecs import CodecSet, Compressor
     from kvkd.cache.schema import CacheLayout
     from kvkd.cache.writer import RESERVED_KEYS
 
     attrs = zarr.open_group(str(out), mode="r").attrs.asdict()
     meta = {k: v for k, v in attrs.items() if k not in RESERVED_KEYS}
-    return CacheLayout.from_json(attrs["layout"]), meta, get_codec(attrs["codec"]), Compressor.from_json(attrs["compressor"])
+    return CacheLayout.from_json(attrs["layout"]), meta, CodecSet.from_metadata(attrs), Compressor.from_json(attrs["compressor"])
 
 
 def _rows_of(writer, shard):

@@ -187,11 +187,17 @@ def test_dry_run_plans_shapes_sizes_and_layer_map_without_running(world, tmp_pat
     cfg = ExtractConfig(model=world["models"]["b"], data=world["data"], slots=3)
     plan = plan_extraction(cfg, student=world["models"]["student"])
     assert (plan.teacher_info["num_layers"], plan.teacher_info["num_kv_heads"], plan.teacher_info["head_dim"], plan.teacher_info["hidden_size"]) == (6, 4, 32, 96)
-    # by hand, float16 codec: keys+values 2*6*4*3*32*2, hidden 7*96*2, slot_pos/importance/score 3*(6*4*3*4),
-    # slot_valid 6*4*3, cot_len/answer_len/answer_nll 3*4, written 1
-    assert plan.bytes_per_example == 2 * 6 * 4 * 3 * 32 * 2 + 7 * 96 * 2 + 3 * 288 + 72 + 12 + 1 == 11509
+    # by hand, the default int8 preset: keys int8 6*4*3*32 + one fp16 scale per (layer, head, channel) 6*4*32*2;
+    # values int8 6*4*3*32 + one fp16 scale per (layer, head, slot) 6*4*3*2; hidden int8 7*96 + fp16 scale
+    # per layer 7*2 + 8 outliers per layer as uint16 index and fp16 value 2*7*8*2; then the uncoded rows:
+    # slot_pos/importance/score 3*(6*4*3*4), slot_valid 6*4*3, cot_len/answer_len/answer_nll 3*4, written 1
+    rest = 3 * 288 + 72 + 12 + 1
+    assert plan.bytes_per_example == (2304 + 1536) + (2304 + 144) + (672 + 14 + 224) + rest == 8147
     assert plan.bytes_per_example == CacheReader.open(world["caches"]["b"]).info()["uncompressed_bytes_per_example"]
-    assert plan.total_bytes == 8 * 11509 and plan.rows == 8
+    assert plan.total_bytes == 8 * 8147 and plan.rows == 8
+    # the fp16 preset: keys+values 2*6*4*3*32*2, hidden 7*96*2
+    fp16 = plan_extraction(ExtractConfig(model=world["models"]["b"], data=world["data"], slots=3, codec="fp16"))
+    assert fp16.bytes_per_example == 2 * 6 * 4 * 3 * 32 * 2 + 7 * 96 * 2 + rest == 11509
     assert plan.student["layer_map"] == [1, 3, 5] and plan.student["tokenizer_shared"]
     assert plan.student["kv_projection"].startswith("learned 128 -> 48")
     tok = __import__("transformers").AutoTokenizer.from_pretrained(world["models"]["b"])
