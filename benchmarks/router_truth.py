@@ -17,10 +17,13 @@ the trace of a different row (fluent, confident and wrong). Scenarios (``--scena
 
 A bad row reads the trace of its image under one fixed derangement of the training rows
 (seeded, no fixed point). Each distinct teacher (its source row per training row) is written
-once as a normalised JSONL data file (``id, question, cot, answer``: the row's own question
-and answer, the planted ``cot``) and extracted once (``kvkd extract --data FILE --format
-jsonl``), so caches are shared across scenarios, routers and seeds. The data-set fingerprint
-covers (id, question, answer) only, so these caches combine in training. Each scenario's
+once as a trace file (the format of ``kvkd.traces``, as ``kvkd generate`` writes them: per
+row its own id, question and gold answer, and as ``trace`` the planted one; the header names
+the planted teacher and the real GSM8K rows it covers) and extracted once (``kvkd extract
+--trace FILE --keep all``: every row reads its planted trace, whatever its answer), so caches
+are shared across scenarios, routers and seeds and each records its trace file's identity
+(hash, planted teacher). The data-set fingerprint covers (id, question, answer) only and is
+the real rows', so these caches combine in training. Each scenario's
 truth is a sidecar ``truth.json`` (format ``kvkd-router-truth/1``, see
 ``kvkd.train.routers.truth``) beside the planted files: per row, which teachers are good and
 whose trace each read. The ``oracle`` router reads it.
@@ -146,24 +149,50 @@ def reasoning_steps(example) -> int:
     return sum(1 for line in example.cot.split("\n") if line.strip())
 
 
-def write_planted(folder: Path, examples: list, scenario: Scenario) -> tuple[list[Path], Path]:
-    """Write one JSONL data file per distinct teacher of the scenario (named by content) and
+def planted_header(examples: list, sources: list[int], data: dict, seed: int = DERANGEMENT_SEED) -> dict:
+    """The trace-file header of a planted teacher: which trace each row reads (a hash of its
+    source rows, how many read their own), over the real rows ``data`` (source, format, split,
+    offset, rows; the fingerprint is computed here)."""
+    from kvkd.data import dataset_fingerprint
+
+    digest = hashlib.sha256(json.dumps(sources).encode()).hexdigest()[:16]
+    own = sum(s == n for n, s in enumerate(sources))
+    return {"kvkd_traces": 1,
+            "teacher": {"spec": f"planted-{digest}", "source": "benchmarks/router_truth.py", "own_rows": own, "rows": len(sources),
+                        "derangement_seed": seed, "sources_sha256": digest},
+            "engine": {"name": "planted", "version": "router_truth 1 (another row's gold trace on the bad rows)"},
+            "sampling": {"samples": 1, "seed": seed},
+            "prompt": {"template": None, "chat_template": False, "answer_check": "numeric"},
+            "data": {**data, "rows": len(examples), "fingerprint": dataset_fingerprint(examples)}}
+
+
+def write_planted(folder: Path, examples: list, scenario: Scenario, data: dict | None = None) -> tuple[list[Path], Path]:
+    """Write one trace file per distinct teacher of the scenario (named by its source rows) and
     the scenario's ``truth.json`` beside them.
 
+    Args:
+        examples: the N training rows (the first rows of ``data``).
+        data: the real rows' record for the header (``source``, ``format``, ``split``, ``offset``).
     Returns:
-        (K data files in teacher order, the truth file).
+        (K trace files in teacher order, the truth file).
     """
+    from kvkd.traces import TraceWriter
     from kvkd.train.routers.truth import write_truth
 
+    data = {"source": None, "format": "jsonl", "split": None, "offset": 0, **(data or {})}
     folder.mkdir(parents=True, exist_ok=True)
     files = []
     for src in scenario.sources:
-        lines = "".join(json.dumps({"id": ex.id, "question": ex.question, "cot": examples[s].cot, "answer": ex.answer}) + "\n"
-                        for ex, s in zip(examples, src))
-        path = folder / f"traces-{hashlib.sha256(lines.encode()).hexdigest()[:12]}.jsonl"
-        if not path.exists():
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(lines)
+        header = planted_header(examples, src, data)
+        path = folder / f"{header['teacher']['spec']}.traces.jsonl"
+        if not path.exists():  # written beside its name, then renamed: a kill leaves no partial file under it
+            tmp = path.with_name(f".{path.name}.tmp")
+            writer = TraceWriter(tmp, header, overwrite=True)
+            writer.append([{"row": data["offset"] + n, "id": ex.id, "sample": 0, "question": ex.question, "gold": ex.answer, "gold_cot": ex.cot,
+                            "completion": f"{examples[s].cot}\nThe answer is: {examples[s].answer}", "trace": examples[s].cot,
+                            "answer": examples[s].answer, "correct": examples[s].answer == ex.answer, "finish": "stop", "prompt_tokens": 0, "tokens": 0}
+                           for n, (ex, s) in enumerate(zip(examples, src))])
+            writer.finish(len(examples), 1)
             tmp.replace(path)
         files.append(path)
     ids = [ex.id for ex in examples]
@@ -173,20 +202,21 @@ def write_planted(folder: Path, examples: list, scenario: Scenario) -> tuple[lis
 
 
 def extract_planted(files: list[Path], work: Path, model: str, slots: int, batch_size: int = 8) -> list[str]:
-    """Extract (once) the cache of each planted data file with teacher ``model``; returns the cache URLs."""
+    """Extract (once) the cache of each planted trace file with teacher ``model`` (``kvkd extract
+    --trace FILE --keep all``); returns the cache URLs."""
     from kvkd.cache.reader import CacheReader
     from kvkd.models import load_model
     from kvkd.pipeline.extract import ExtractConfig, extract
 
     urls, loaded = [], None
     for f in files:
-        url = str(work / f"{f.stem}-M{slots}.zarr")
+        url = str(work / f"{f.name.removesuffix('.traces.jsonl')}-M{slots}.zarr")
         try:
             CacheReader.open(url)
         except Exception:  # noqa: BLE001 - missing or incomplete: (re)extract
             print(f"  [{time.strftime('%H:%M:%S')}] extracting {f.name}", file=sys.stderr, flush=True)
             loaded = loaded or load_model(model)  # loaded once, only when a cache is missing
-            extract(ExtractConfig(model=model, data=str(f), data_format="jsonl", out=url, slots=slots, batch_size=batch_size, overwrite=True), loaded=loaded)
+            extract(ExtractConfig(model=model, trace=str(f), keep="all", fallback="gold", out=url, slots=slots, batch_size=batch_size, overwrite=True), loaded=loaded)
         urls.append(url)
     return urls
 
@@ -371,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     planted = {}
     for s in scenarios:
         scenario = plant(s, [reasoning_steps(ex) for ex in train_rows])
-        files, truth = write_planted(work / f"planted-n{args.rows}", train_rows, scenario)
+        files, truth = write_planted(work / f"planted-n{args.rows}", train_rows, scenario, {"source": str(Path(args.data).resolve()), "format": "jsonl"})
         planted[s] = (scenario, extract_planted(files, work, args.teacher, args.slots), truth)
     results = []
     tag = f"n{args.rows}-M{args.slots}-s{args.steps}-b{args.batch_size}-r{args.lora_r}-{args.student}"

@@ -380,9 +380,11 @@ def generate(flags: dict, config: Optional[str]):
 
 
 # ----------------------------------------------------------------------------- train
-@config_command(app, TrainConfig, "train", extra=[
-    _extra("local_rank", Optional[int], typer.Option(None, "--local_rank", "--local-rank", hidden=True, help="Set by the deepspeed launcher; the rank is read from LOCAL_RANK.")),
-])
+# the deepspeed launcher passes --local_rank to every rank's process (train and sft)
+LOCAL_RANK = _extra("local_rank", Optional[int], typer.Option(None, "--local_rank", "--local-rank", hidden=True, help="Set by the deepspeed launcher; the rank is read from LOCAL_RANK."))
+
+
+@config_command(app, TrainConfig, "train", extra=[LOCAL_RANK])
 def train(flags: dict, config: Optional[str], local_rank: Optional[int]):
     """Train a latent (CODI/KaVa) student against teacher caches with a router; no teacher is loaded.
 
@@ -413,19 +415,28 @@ def train(flags: dict, config: Optional[str], local_rank: Optional[int]):
 
 
 # ----------------------------------------------------------------------------- sft
-@config_command(app, SFTConfig, "sft")
-def sft_cmd(flags: dict, config: Optional[str]):
+@config_command(app, SFTConfig, "sft", extra=[LOCAL_RANK])
+def sft_cmd(flags: dict, config: Optional[str], local_rank: Optional[int]):
     """Fine-tune a teacher or baseline on (question, trace, answer) text: --mode cot (CoT-SFT) or nocot (No-CoT-SFT),
-    loss on the target tokens only; exports OUT/model, a Hugging Face folder for --model of generate/extract/eval."""
+    loss on the target tokens only; exports OUT/model, a Hugging Face folder for --model of generate/extract/eval.
+
+    A rerun of the same command resumes from the newest checkpoint (--fresh starts over). With --deepspeed (ZeRO-1/2),
+    run one process per rank: `torchrun --nproc_per_node N -m kvkd.cli sft --deepspeed ds.json ...`; rank 0 prints.
+    """
     from kvkd.sft import sft
 
     try:
         cfg = _resolve(SFTConfig, "sft", config, flags)
+        if _rank() != 0:
+            sft(cfg)
+            return
         with _progress("steps") as prog:
             task = prog.add_task("sft", total=cfg.steps, rate="")
             summary = sft(cfg, on_step=lambda e: prog.update(task, completed=e.step, rate=f"loss {e.loss:.3f} {e.step_s:.2f} s/step"))
     except ERRORS as err:
         _fail(err)
+    if summary.steps_run == 0:
+        console.print(f"{summary.run_dir} is already trained to step {summary.steps}: nothing to do (give a larger --steps to train on, or --fresh to start over)")
     _print_summary("sft", asdict(summary))
 
 

@@ -18,9 +18,15 @@ router, (6) + attention-weighted KV loss, (7) + CKA, (8) GOVERN and (9) the diff
 on top of (7); then CA-MKD, AE-KD, grad-cosine and MTKD-RL, also on top of (7); and (7) +
 SIM-CoT's step-level supervision of the latents by each teacher's reasoning steps (``a4``). The grid
 ``kava-table`` holds the latent rows of KaVa's table: CODI (hidden-state loss only), KaVa with one
-teacher, and multi-teacher rows (fixed, similarity, learnable + attention-weighted KV + CKA, GOVERN);
-its text baselines (CoT-SFT, No-CoT-SFT) are ``kvkd sft`` + ``kvkd eval --mode cot|nocot``, not
-cells yet.
+teacher, and multi-teacher rows (fixed, similarity, learnable + attention-weighted KV + CKA, GOVERN),
+after its text baselines CoT-SFT and No-CoT-SFT.
+
+A row with ``sft: {mode: cot|nocot, ...}`` instead of ``train`` is a text baseline: its cells
+fine-tune the sweep's ``--student`` with ``kvkd sft`` (same steps, optimiser, seeds and shared
+``--train-option`` values that ``kvkd sft`` has, e.g. ``lora_r``) on the first cache's data-set rows
+(its source, split, offset and row count; no teacher cache is read) and are evaluated with
+``kvkd eval --mode cot|nocot`` on the exported model (CoT-SFT decodes its reasoning, No-CoT-SFT
+answers directly). Its cells are keyed by their full ``kvkd sft`` options, like the latent cells.
 
 Output folder::
 
@@ -39,6 +45,7 @@ import json
 import math
 import multiprocessing
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
@@ -70,10 +77,12 @@ GRIDS: dict[str, list[dict]] = {
         {"name": "mtkd-rl", "train": {"router": "mtkd-rl", **_ON_TOP_OF_7}},
         {"name": "simcot", "train": {"router": "learnable", **_ON_TOP_OF_7, "a4": 1.0}},
     ],
-    # The latent rows of KaVa's Table (Kuzina et al. 2025): CODI = the hidden-state loss only, KaVa with
-    # one teacher, then kvkd's multi-teacher rows. The text baselines of that table (CoT-SFT, No-CoT-SFT)
-    # are not cells of this grid yet: run `kvkd sft --mode cot|nocot` and `kvkd eval --mode cot|nocot`.
+    # The rows of KaVa's Table (Kuzina et al. 2025): the text baselines CoT-SFT and No-CoT-SFT (kvkd sft,
+    # evaluated in their decoding mode), CODI = the hidden-state loss only, KaVa with one teacher, then
+    # kvkd's multi-teacher rows.
     "kava-table": [
+        {"name": "cot-sft", "sft": {"mode": "cot"}},
+        {"name": "nocot-sft", "sft": {"mode": "nocot"}},
         {"name": "codi", "teachers": "first", "train": {"router": "fixed", "a2": 0.0}},
         {"name": "kava-1-teacher", "teachers": "first", "train": {"router": "fixed"}},
         {"name": "multi-fixed", "train": {"router": "fixed"}},
@@ -100,9 +109,10 @@ class SweepConfig(OptimArgs, RuntimeArgs, StoreArgs):
     """Options of ``kvkd sweep`` (besides the optimiser options every row shares and runtime).
 
     Attributes:
-        grid: a built-in grid name (``plan``) or a YAML/JSON file: a list of rows
-            ``{name, teachers: all|first (default all), train: {TrainConfig overrides}}``
-            (or a mapping with a ``rows`` list).
+        grid: a built-in grid name (``plan``, ``kava-table``) or a YAML/JSON file: a list of rows
+            ``{name, teachers: all|first (default all), train: {TrainConfig overrides}}`` or
+            text-baseline rows ``{name, sft: {mode: cot|nocot, SFTConfig overrides}}`` (or a
+            mapping with a ``rows`` list).
         caches: the teacher caches (every row uses all of them unless ``teachers: first``).
         out: output folder.
         rows: run only these rows (names), in grid order; empty = all.
@@ -176,6 +186,8 @@ def load_grid(grid: str) -> list[dict]:
         raise ValueError(f"unknown grid {grid!r}: give a built-in grid ({', '.join(GRIDS)}) or a YAML/JSON file of rows")
     if not isinstance(rows, list) or not rows or not all(isinstance(r, dict) for r in rows):
         raise ValueError(f"grid {grid}: expected a non-empty list of rows like {{name: ..., train: {{router: fixed}}}}")
+    from kvkd.sft import SFT_MODES, SFTConfig
+
     known = set(TrainConfig.__dataclass_fields__)
     names = set()
     for r in rows:
@@ -183,6 +195,14 @@ def load_grid(grid: str) -> list[dict]:
         if not name or name in names:
             raise ValueError(f"grid {grid}: every row needs a unique name (got {name!r})")
         names.add(name)
+        if "sft" in r:  # a text baseline (kvkd sft)
+            sft_opts = r["sft"]
+            if "train" in r or not isinstance(sft_opts, dict) or sft_opts.get("mode") not in SFT_MODES:
+                raise ValueError(f"grid {grid}, row {name}: an sft row is {{name, sft: {{mode: cot|nocot, ...}}}} without train options")
+            bad = set(sft_opts) - set(SFTConfig.__dataclass_fields__)
+            if bad:
+                raise ValueError(f"grid {grid}, row {name}: unknown sft options {sorted(bad)}; use SFTConfig's field names (the `kvkd sft` flags with _ for -)")
+            continue
         if r.get("teachers", "all") not in ("all", "first"):
             raise ValueError(f"grid {grid}, row {name}: teachers must be 'all' or 'first', got {r.get('teachers')!r}")
         bad = set(r.get("train", {})) - known
@@ -208,10 +228,37 @@ def _eval_sets(cfg: SweepConfig) -> list[tuple[str, str, str | None]]:
     return sets
 
 
+def _sft_cell_configs(cfg: SweepConfig, row: dict, seed: int, cell_dir: Path):
+    """A text-baseline cell: ``kvkd sft`` on the first cache's data-set rows, evaluated in its mode."""
+    from kvkd.cache.reader import CacheReader
+    from kvkd.eval.evaluate import EvalConfig
+    from kvkd.sft import SFTConfig
+
+    ds = CacheReader.open(resolve_cache(cfg.caches[0], cfg.cache_root)).metadata["dataset"]
+    known = set(SFTConfig.__dataclass_fields__)
+    shared = {f.name: getattr(cfg, f.name) for f in fields(OptimArgs) + fields(RuntimeArgs) if f.name != "seed"}
+    opts = dict(model=cfg.student, save_every=max(1, cfg.steps // 4), data=ds["source"], split=ds.get("split"), data_format=ds.get("format", "auto"),
+                offset=ds.get("offset", 0), limit=ds.get("selected_rows", ds["rows"]), **shared)
+    opts.update({k: v for k, v in cfg.train.items() if k in known})  # the shared options kvkd sft has (lora_r, grad_accum, ...)
+    opts.update(row["sft"])
+    scfg = SFTConfig(out=str(cell_dir), seed=seed, **opts)
+    ecfgs = {
+        name: EvalConfig(model=str(cell_dir / "model"), mode=scfg.mode, data=path, split=split, limit=cfg.eval_limit, seed=seed,
+                         out=str(cell_dir / "evals" / f"{name}-{scfg.mode}"),  # in the cell folder (a plain model has no run folder)
+                         answer_check="math" if "math" in name.lower() else "auto",
+                         num_threads=cfg.num_threads, device=cfg.device, trust_remote_code=cfg.trust_remote_code)
+        for name, path, split in _eval_sets(cfg)
+    }
+    return scfg, ecfgs
+
+
 def _cell_configs(cfg: SweepConfig, row: dict, seed: int, cell_dir: Path):
+    """(TrainConfig or SFTConfig, {eval set: EvalConfig}) of one cell."""
     from kvkd.eval.evaluate import EvalConfig
     from kvkd.train.trainer import TrainConfig
 
+    if "sft" in row:
+        return _sft_cell_configs(cfg, row, seed, cell_dir)
     caches = cfg.caches[:1] if row.get("teachers", "all") == "first" else list(cfg.caches)
     shared = {f.name: getattr(cfg, f.name) for f in fields(OptimArgs) + fields(RuntimeArgs) if f.name != "seed"}
     opts = dict(student=cfg.student, save_every=max(1, cfg.steps // 4), **shared)
@@ -240,10 +287,11 @@ def _key(options: dict) -> str:
 def cell_dir(cfg: SweepConfig, row: dict, seed: int) -> Path:
     """``OUT/cells/ROW/seed-S-KEY``: KEY hashes the cell's full training options, so changed options
     (steps, lr, caches, the row's overrides, ...) mean a new cell."""
+    from kvkd.sft import SFTConfig, absolute_paths as sft_absolute_paths
     from kvkd.train.trainer import absolute_paths
 
     tcfg, _ = _cell_configs(cfg, row, seed, Path(cfg.out))
-    tcfg = absolute_paths(tcfg)  # the same cell whatever the working directory
+    tcfg = sft_absolute_paths(tcfg) if isinstance(tcfg, SFTConfig) else absolute_paths(tcfg)  # the same cell whatever the working directory
     return Path(cfg.out) / "cells" / row["name"] / f"seed-{seed}-{_key(asdict(tcfg))}"
 
 
@@ -275,6 +323,7 @@ def _run_cell(cfg_json: str, row_json: str, seed: int, cell_dir: str, parent_pid
     import torch
 
     from kvkd.eval.evaluate import evaluate
+    from kvkd.sft import sft
     from kvkd.train.rundir import folder_lock, write_atomic
     from kvkd.train.trainer import train
 
@@ -290,7 +339,12 @@ def _run_cell(cfg_json: str, row_json: str, seed: int, cell_dir: str, parent_pid
     tcfg, ecfgs = _cell_configs(cfg, row, seed, cell)
     with folder_lock(cell, "sweep cell"):
         t = time.perf_counter()
-        summary = train(tcfg)
+        if "sft" in row:  # a text baseline: no router, no teacher
+            summary = sft(tcfg)
+            steps = [e["step_s"] for e in read_log(cell)]
+            summary.mean_step_s, summary.mean_weights = sum(steps) / len(steps), []
+        else:
+            summary = train(tcfg)
         measured = cell / "train.json"
         if summary.steps_run or not measured.is_file():  # trained now: this process's figures are the cell's
             write_atomic(measured, json.dumps({
@@ -302,6 +356,8 @@ def _run_cell(cfg_json: str, row_json: str, seed: int, cell_dir: str, parent_pid
         figures = json.loads(measured.read_text())  # a trained cell resumed at evaluation keeps its training figures
         evals = {}
         for name, ecfg in ecfgs.items():
+            if "sft" in row:  # its own --out: an evaluation a kill left behind is redone, as the latent cells' are
+                shutil.rmtree(ecfg.out, ignore_errors=True)
             res = evaluate(ecfg)
             res.name = name
             evals[name] = asdict(res)
@@ -421,7 +477,10 @@ def _aggregate(got: list[dict], row: dict, eval_names: list[str]) -> dict:
     """One row of the results: means and standard deviations over the seeds' cells."""
     from kvkd.eval.answers import wilson_interval
 
-    rec = {"row": row["name"], "router": row.get("train", {}).get("router", "fixed"), "teachers": row.get("teachers", "all"), "seeds": len(got)}
+    if "sft" in row:  # a text baseline: fine-tuned on the text, no teacher cache
+        rec = {"row": row["name"], "router": f"sft-{row['sft']['mode']}", "teachers": "none", "seeds": len(got)}
+    else:
+        rec = {"row": row["name"], "router": row.get("train", {}).get("router", "fixed"), "teachers": row.get("teachers", "all"), "seeds": len(got)}
     for n in eval_names:
         evals = [c["evals"][n] for c in got if n in c["evals"]]
         acc, nll = _mean_std([e["accuracy"] for e in evals]), _mean_std([e["mean_answer_nll"] for e in evals])
@@ -524,6 +583,7 @@ def _plot_grid(out: Path, rows: list[dict], seeds: list[int], folders: dict[tupl
     fig.savefig(out / "loss.png", dpi=100)
     plt.close(fig)
     cols = 4
+    logs = {name: runs for name, runs in logs.items() if "weights" in runs[0][0]}  # text baselines (kvkd sft) have no router
     nrows = max(1, math.ceil(len(logs) / cols))
     fig, axes = plt.subplots(nrows, cols, figsize=(4 * cols, 3 * nrows), squeeze=False)
     for ax, (name, runs) in zip(axes.flat, logs.items()):

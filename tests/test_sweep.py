@@ -28,6 +28,9 @@ def test_builtin_plan_grid_has_the_plan_rows():
     ('[{"name": "a"}, {"name": "a"}]', "unique name"),
     ('[{"name": "a", "teachers": "some"}]', "teachers must be"),
     ('{"x": 1}', "list of rows"),
+    ('[{"name": "a", "sft": {"mode": "latent"}}]', "an sft row is"),
+    ('[{"name": "a", "sft": {"mode": "cot"}, "train": {"router": "fixed"}}]', "an sft row is"),
+    ('[{"name": "a", "sft": {"mode": "cot", "router": "fixed"}}]', "unknown sft options"),
 ])
 def test_bad_grids_are_refused(tmp_path, text, match):
     path = tmp_path / "grid.json"
@@ -173,4 +176,32 @@ def test_kava_table_grid_rows_are_valid_training_options():
     rows = {r["name"]: r for r in load_grid("kava-table")}  # validates every option name and router
     assert rows["codi"]["train"]["a2"] == 0.0 and rows["codi"]["teachers"] == "first"  # CODI: hidden loss only
     assert rows["kava-1-teacher"]["teachers"] == "first" and "a2" not in rows["kava-1-teacher"]["train"]
-    assert sum(r.get("teachers", "all") == "all" for r in rows.values()) == 4
+    assert sum(r.get("teachers", "all") == "all" and "sft" not in r for r in rows.values()) == 4
+    assert list(rows)[:2] == ["cot-sft", "nocot-sft"] and rows["cot-sft"]["sft"] == {"mode": "cot"} and rows["nocot-sft"]["sft"] == {"mode": "nocot"}
+
+
+@pytest.mark.slow  # two kvkd sft cells and one latent cell, each trained and evaluated in its own process
+def test_kava_table_sft_rows_train_with_kvkd_sft_and_evaluate_in_their_mode(tmp_path, shared_data, tiny_teacher, tiny_student):
+    data = tmp_path / "train.jsonl"
+    data.write_text("\n".join((shared_data / "gsm8k" / "train.jsonl").read_text().splitlines()[:8]) + "\n")
+    extract(ExtractConfig(model=str(tiny_teacher), data=str(data), out=str(tmp_path / "t.zarr"), slots=3, batch_size=8))
+    cfg = SweepConfig(grid="kava-table", rows=["cot-sft", "nocot-sft", "kava-1-teacher"], caches=[str(tmp_path / "t.zarr")], out=str(tmp_path / "sweep"),
+                      seeds=[0], student=str(tiny_student), steps=2, batch_size=4, warmup_steps=1, train={"lora_r": 4, "num_workers": 0},
+                      evals=[f"gsm8k={shared_data / 'gsm8k' / 'test.jsonl'}"], eval_limit=2)
+    result = run_sweep(cfg)
+    cells = {c["row"]: c for c in result["cells"]}
+    assert set(cells) == {"cot-sft", "nocot-sft", "kava-1-teacher"}
+    for row, mode in (("cot-sft", "cot"), ("nocot-sft", "nocot")):
+        run = cell_dir(cfg, {"name": row, "sft": {"mode": mode}}, 0)
+        recorded = json.loads((run / "config.json").read_text())
+        assert recorded["mode"] == mode and recorded["model"] == str(tiny_student) and recorded["steps"] == 2 and recorded["lora_r"] == 4
+        assert recorded["data"] == str(data) and recorded["limit"] == 8 and recorded["seed"] == 0  # the cache's rows
+        ev = cells[row]["evals"]["gsm8k"]
+        assert ev["n"] == 2 and ev["mode"] == mode  # evaluated in its decoding mode, on the exported model
+        assert (run / "evals" / f"gsm8k-{mode}" / "metrics.json").is_file()  # inside the cell folder
+        assert cells[row]["mean_weights"] == [] and cells[row]["final_loss"] == json.loads((run / "summary.json").read_text())["final_loss"]
+    assert cell_dir(cfg, {"name": "x", "sft": {"mode": "cot"}}, 0).name != cell_dir(cfg, {"name": "x", "sft": {"mode": "cot", "lr": 1e-3}}, 0).name
+    lines = (tmp_path / "sweep" / "results.md").read_text()
+    assert "| cot-sft | sft-cot | none | 1 |" in lines and "| nocot-sft | sft-nocot | none | 1 |" in lines and "| kava-1-teacher | fixed | first | 1 |" in lines
+    with open(tmp_path / "sweep" / "results.csv") as fh:
+        assert [r["router"] for r in csv.DictReader(fh)] == ["sft-cot", "sft-nocot", "fixed"]

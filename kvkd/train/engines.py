@@ -243,11 +243,12 @@ class DeepSpeedEngine:
     """The trainee on a DeepSpeed engine (ZeRO 1/2/3, offload, bf16/fp16 from the JSON config).
 
     Args:
-        trainee: the Trainee (all of it becomes the engine's model).
-        cfg: TrainConfig; ``cfg.deepspeed`` is the JSON config path. ``train_batch_size`` and
-            ``train_micro_batch_size_per_gpu`` may be omitted or ``"auto"`` (set from
-            ``cfg.batch_size`` and the world size); ``gradient_clipping`` defaults to
-            ``cfg.grad_clip``; ``gradient_accumulation_steps`` follows ``--grad-accum``.
+        trainee: the Trainee (all of it becomes the engine's model), or any module with
+            ``checkpoint_state``/``load_checkpoint_state`` (``kvkd sft``'s ``SFTModule``).
+        cfg: TrainConfig or SFTConfig; ``cfg.deepspeed`` is the JSON config path. ``train_batch_size``,
+            ``train_micro_batch_size_per_gpu`` and ``gradient_accumulation_steps`` may be omitted or
+            ``"auto"`` (set from ``cfg.batch_size``, ``cfg.grad_accum`` and the world size);
+            ``gradient_clipping`` defaults to ``cfg.grad_clip``.
     Raises:
         ValueError: unreadable config, or batch settings that contradict ``--batch-size``.
         ImportError: deepspeed is not installed (``pip install 'kvkd[deepspeed]'``).
@@ -267,7 +268,7 @@ class DeepSpeedEngine:
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self.local_rank = int(os.environ.get("LOCAL_RANK", 0))
         ds = self._config(cfg)
-        if getattr(trainee.router, "trains_itself", False) and (self.world_size > 1 or ds.get("zero_optimization", {}).get("stage", 0) == 3):
+        if getattr(getattr(trainee, "router", None), "trains_itself", False) and (self.world_size > 1 or ds.get("zero_optimization", {}).get("stage", 0) == 3):
             raise ValueError(
                 f"router {cfg.router!r} updates its own parameters with its own optimiser: on several ranks each would train "
                 "its own copy (and ZeRO-3 partitions them); train it in one process, or pick another router"

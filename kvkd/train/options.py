@@ -84,6 +84,27 @@ class LoaderArgs:
     prefetch_factor: int = opt(4, help="Batches each DataLoader worker reads ahead")
 
 
+@group("checkpoints")
+class CheckpointArgs:
+    """The run folder's checkpoints and engine, shared by ``kvkd train`` and ``kvkd sft``
+    (``kvkd.train.rundir``: a rerun of the same command resumes from the newest checkpoint).
+
+    Attributes:
+        save_every: steps between checkpoints (0 = only at the end); keep_checkpoints: newest
+            checkpoints kept.
+        deepspeed: DeepSpeed JSON config path (ZeRO 1/2/3, offload, bf16); empty = one process
+            without DeepSpeed. See ``kvkd.train.engines``.
+        fresh: delete the folder's checkpoints, log, summary and config and start over (without
+            it a folder with checkpoints resumes, and only ``RESUMABLE_OPTIONS`` of
+            ``kvkd.train.rundir`` may differ from its ``config.json``).
+    """
+
+    save_every: int = opt(50, help="Steps between checkpoints (0 = at the end only)")
+    keep_checkpoints: int = opt(2, help="Newest checkpoints kept")
+    deepspeed: str = opt("", help="DeepSpeed JSON config (ZeRO 1/2/3, offload, bf16; e.g. kvkd/configs/ds_zero2.json); launch with deepspeed or torchrun")
+    fresh: bool = opt(False, cli="fresh/no-fresh", help="Start the run over: delete the run folder's checkpoints, log, summary and config first (otherwise a run folder resumes)")
+
+
 def _router_names() -> list[str]:
     from kvkd.train.routers import ROUTERS
 
@@ -124,10 +145,10 @@ def _parse_weights(text: str) -> list[float]:
 
 
 @dataclasses.dataclass
-class TrainConfig(DataSelection, OptimArgs, LossArgs, LoraArgs, LoaderArgs, RuntimeArgs, StoreArgs):
+class TrainConfig(DataSelection, OptimArgs, LossArgs, LoraArgs, LoaderArgs, CheckpointArgs, RuntimeArgs, StoreArgs):
     """Options of ``kvkd train`` (defaults live here and in the groups it inherits, only there).
 
-    Attributes (besides the groups' — data, optimiser, losses, LoRA, loader, runtime):
+    Attributes (besides the groups' — data, optimiser, losses, LoRA, loader, checkpoints, runtime):
         caches: teacher cache paths/URLs (one per teacher).
         out: run folder.
         student: student spec (``smollm2``, .gguf, folder or hub id).
@@ -145,15 +166,9 @@ class TrainConfig(DataSelection, OptimArgs, LossArgs, LoraArgs, LoaderArgs, Runt
             from each other's). Off by default: latent distillation needs no token
             correspondence; the run records which teachers share the student's tokenizer.
         dtype: student dtype.
-        log_every: steps between progress callbacks; save_every: steps between checkpoints
-            (0 = only at the end); keep_checkpoints: newest checkpoints kept.
+        log_every: steps between progress callbacks.
         log_row_weights: also log each step's per-sample router weights with their training-row
             indices (``row_weights`` in ``log.jsonl``; rank 0's rows under DeepSpeed).
-        deepspeed: DeepSpeed JSON config path (ZeRO 1/2/3, offload, bf16); empty = one process
-            without DeepSpeed. See ``kvkd.train.engines``.
-        fresh: delete the folder's checkpoints, log, summary and config and start over (without
-            it a folder with checkpoints resumes, and only ``RESUMABLE_OPTIONS`` of
-            ``kvkd.train.rundir`` may differ from its ``config.json``).
         report_to: sinks besides ``log.jsonl`` (``kvkd.train.sinks``): ``none``, ``tensorboard``,
             ``wandb``, ``trackio``, comma-separated.
         max_nonfinite_steps: steps with a NaN/inf loss or gradient skipped (no update, counted
@@ -183,10 +198,6 @@ class TrainConfig(DataSelection, OptimArgs, LossArgs, LoraArgs, LoaderArgs, Runt
     dtype: str = opt("float32", help="Student dtype: float32, bfloat16 or float16", choices=("float32", "bfloat16", "float16"))
     log_every: int = opt(1, help="Steps between progress reports (terminal bar or plain log line)")
     log_row_weights: bool = opt(False, help="Write each step's per-sample router weights and row indices into log.jsonl (row_weights)")
-    save_every: int = opt(50, help="Steps between checkpoints (0 = at the end only)")
-    keep_checkpoints: int = opt(2, help="Newest checkpoints kept")
-    deepspeed: str = opt("", help="DeepSpeed JSON config (ZeRO 1/2/3, offload, bf16; e.g. kvkd/configs/ds_zero2.json); launch with deepspeed or torchrun")
-    fresh: bool = opt(False, cli="fresh/no-fresh", help="Start the run over: delete the run folder's checkpoints, log, summary and config first (otherwise a run folder resumes)")
     report_to: str = opt("none", help="Also report every step to: none, tensorboard (RUN/tensorboard), wandb, trackio; comma-separated for several (log.jsonl is always written)")
     max_nonfinite_steps: int = opt(3, help="Steps with a NaN/inf loss or gradient that are skipped (no update) before training stops with an error (0 = stop at the first)")
     eval_data: str = opt("", help="Evaluation set (file, or folder: its test split) checked before training: refused if any of its questions is among the training rows")

@@ -337,6 +337,20 @@ class RunDir:
         return state, self.checkpoint_step(ckpt)
 
 
+def copy_state(own: dict[str, torch.Tensor], state: dict[str, torch.Tensor], whose: str) -> None:
+    """Copy a checkpoint's tensors into a model's parameters (``own``: name -> parameter).
+
+    Raises:
+        KeyError: tensors of ``state`` that ``own`` lacks (names three and ``whose`` they are not).
+    """
+    unknown = sorted(set(state) - set(own))
+    if unknown:
+        raise KeyError(f"checkpoint tensors {unknown[:3]} do not belong to {whose}")
+    with torch.no_grad():
+        for name, value in state.items():
+            own[name].copy_(value)
+
+
 # ----------------------------------------------------------------------------- resume
 def _canonical(value):
     return json.loads(json.dumps(value, default=str))
@@ -364,6 +378,51 @@ def changed_options(recorded: dict, current: dict, flags: dict[str, str] | None 
             flag = (flags or {}).get(name, name)
             out.append(f"{flag} {json.dumps(old)} (recorded) -> {json.dumps(new)} (now)")
     return out
+
+
+def check_resume(recorded: dict, cfg, current: dict | None = None) -> None:
+    """Refuse to resume a run with options that define another run.
+
+    Args:
+        recorded: the run folder's ``config.json``.
+        cfg: the command's config dataclass (``TrainConfig``, ``SFTConfig``); its CLI flags name
+            the options in the message.
+        current: the options to compare (default ``asdict(cfg)``).
+    Raises:
+        RunFolderError: names each differing option with both values, the options that may
+            change, and ``--fresh``.
+    """
+    from kvkd.config import cli_options
+
+    flags = {s.name: "--" + s.cli_name for s in cli_options(type(cfg))}
+    diff = changed_options(recorded, dataclasses.asdict(cfg) if current is None else current, flags)
+    if diff:
+        may = ", ".join(flags[n] for n in RESUMABLE_OPTIONS if n in flags and n != "fresh")
+        raise RunFolderError(
+            f"run folder {cfg.out} holds a run with other options: {'; '.join(diff)}. Resume with the recorded options "
+            f"(only {may} may change), use another --out, or pass --fresh to start this folder over"
+        )
+
+
+def resume_point(rundir: RunDir, cfg, lead: bool, check=check_resume) -> tuple[dict | None, int]:
+    """Open a locked run folder for a (re)run: ``--fresh`` clears it, a kill's half-written
+    checkpoints are removed (both by the lead rank only), and a folder with checkpoints is
+    checked against its ``config.json`` (``check(recorded, cfg)``).
+
+    Returns:
+        (the recorded config or None, steps done = the newest checkpoint's step, 0 if none or fresh).
+    Raises:
+        RunFolderError: from ``check`` (other options) or an unreadable ``config.json``.
+    """
+    if lead:
+        if cfg.fresh:
+            rundir.clear()
+        rundir.remove_partial()
+    recorded = rundir.read_config()
+    done = 0 if cfg.fresh else rundir.steps_done()
+    if recorded is not None and done:
+        check(recorded, cfg)
+    return recorded, done
 
 
 # ----------------------------------------------------------------------------- provenance

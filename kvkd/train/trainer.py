@@ -41,7 +41,6 @@ from kvkd.cache.errors import CacheError
 from kvkd.cache.errors import CacheMismatchError
 from kvkd.cache.reader import CacheReader
 from kvkd.cache.store import resolve_cache
-from kvkd.config import cli_options
 from kvkd.data import dataset_fingerprint, load_examples
 from kvkd.traces import check_same_rows
 from kvkd.eval.overlap import refuse_overlap
@@ -55,7 +54,8 @@ from kvkd.train.losses import FUSIONS, teacher_extras, terms
 from kvkd.train.options import TrainConfig
 from kvkd.train.routers import build_router
 from kvkd.train.sinks import LatentNorms, Sinks, parse_report_to
-from kvkd.train.rundir import RESUMABLE_OPTIONS, NonFiniteError, RunDir, RunFolderError, changed_options, provenance
+from kvkd.train.rundir import RESUMABLE_OPTIONS, NonFiniteError, RunDir, RunFolderError, changed_options, copy_state, provenance, resume_point  # noqa: F401
+from kvkd.train.rundir import check_resume as check_run_options
 from kvkd.train.step import Trainee, _fuse, _parameter_grads, _per_sample_grads, align_teachers, distill_step, fuse_teachers  # noqa: F401  (re-exported)
 from kvkd.train.student import LatentStudent, add_latent_tokens, make_trainable
 from kvkd.train.teacher_records import describe_teachers, fit_samples, needs_fit
@@ -347,23 +347,16 @@ def absolute_paths(cfg: TrainConfig) -> TrainConfig:
 
 
 def check_resume(recorded: dict, cfg: TrainConfig) -> None:
-    """Refuse to resume a run with options that define another run.
+    """Refuse to resume a run with options that define another run (:func:`kvkd.train.rundir.check_resume`;
+    ``--latents 0`` means the caches' M, which ``config.json`` records as the number).
 
     Raises:
-        kvkd.train.rundir.RunFolderError: names each differing option with both values, the
-            options that may change, and ``--fresh``.
+        kvkd.train.rundir.RunFolderError: names each differing option with both values.
     """
-    flags = {s.name: "--" + s.cli_name for s in cli_options(TrainConfig)}
     current = asdict(cfg)
-    if not cfg.latents:  # 0 = the caches' M, which config.json records as the number (the caches are compared)
+    if not cfg.latents:
         current.pop("latents")
-    diff = changed_options(recorded, current, flags)
-    if diff:
-        may = ", ".join(flags.get(n, n) for n in RESUMABLE_OPTIONS if n in flags and n != "fresh")
-        raise RunFolderError(
-            f"run folder {cfg.out} holds a run with other options: {'; '.join(diff)}. Resume with the recorded options "
-            f"(only {may} may change), use another --out, or pass --fresh to start this folder over"
-        )
+    check_run_options(recorded, cfg, current)
 
 
 def _record(cfg: TrainConfig, trainee: Trainee, engine, recorded: dict | None, done: int) -> dict:
@@ -416,16 +409,9 @@ def prepare(cfg: TrainConfig) -> Run:
         readers, metas, examples = open_training_data(cfg)  # read-only: a damaged cache is refused before a new run folder exists
         refuse_overlap(examples, cfg.eval_data)  # eval questions among the training rows: refuse before training
         validator = Validator(cfg, examples, rundir.path)  # --valid-data: held-out rows (overlaps refused), scored in fit
-        if lead:
-            if not rundir.path.is_dir():
-                stack.enter_context(rundir.lock())  # creates the folder
-            if cfg.fresh:
-                rundir.clear()
-            rundir.remove_partial()
-        recorded = rundir.read_config()
-        done = 0 if cfg.fresh else rundir.steps_done()
-        if recorded is not None and done:
-            check_resume(recorded, cfg)
+        if lead and not rundir.path.is_dir():
+            stack.enter_context(rundir.lock())  # creates the folder
+        recorded, done = resume_point(rundir, cfg, lead, check_resume)
         if done >= cfg.steps:
             return Run(cfg, rundir, done, True, stack=stack)
         torch.manual_seed(cfg.seed)
@@ -683,13 +669,7 @@ def load_run(run_dir: str | Path, trust_remote_code: bool = False):
     cfg = TrainConfig(**{k: v for k, v in resolved.items() if k in known}, trust_remote_code=trust_remote_code)
     state, step = rundir.load_student_state()  # refused before any model loads if NaN/inf
     student = build_student(cfg.student, resolved["latents"], cfg)
-    own = dict(student.named_parameters())
-    missing = sorted(set(state) - set(own))
-    if missing:
-        raise KeyError(f"checkpoint tensors {missing[:3]} of {rundir.path} do not belong to the student {cfg.student} (was it moved or changed?)")
-    with torch.no_grad():
-        for name, value in state.items():
-            own[name].copy_(value)
+    copy_state(dict(student.named_parameters()), state, f"the student {cfg.student} of {rundir.path} (was it moved or changed?)")
     student.eval()
     resolved["checkpoint_step"] = step
     return student, resolved

@@ -74,11 +74,22 @@ def test_planted_traces_read_back_from_the_caches(shared_data, tmp_path, tiny_te
     from kvkd.cache.reader import CacheReader
     from kvkd.train.routers.learnability import teacher_traces
 
-    examples = load_examples(str(_rows(shared_data, tmp_path, 8)), fmt="jsonl").examples
+    from kvkd.data import dataset_fingerprint
+    from kvkd.traces import read_trace_file
+
+    data = _rows(shared_data, tmp_path, 8)
+    examples = load_examples(str(data), fmt="jsonl").examples
     sc = RT.plant("complementary-k3-bad", [RT.reasoning_steps(ex) for ex in examples])
-    files, truth_path = RT.write_planted(tmp_path / "planted", examples, sc)
+    files, truth_path = RT.write_planted(tmp_path / "planted", examples, sc, {"source": str(data), "format": "jsonl"})
     assert len(set(files)) == 3
     urls = RT.extract_planted(files, tmp_path / "work", str(tiny_teacher), slots=2)
+    for f, url, src in zip(files, urls, sc.sources):  # each cache records its planted trace file; the rows are the real data set's
+        ds = CacheReader.open(url).metadata["dataset"]
+        assert ds["format"] == "trace" and ds["fingerprint"] == dataset_fingerprint(examples) and ds["row_set"].startswith("all 8 rows")
+        tf = read_trace_file(f)
+        assert ds["trace_file"]["sha256"] == tf.identity()["sha256"] and ds["trace_file"]["teacher"] == tf.header["teacher"]["spec"]
+        assert tf.header["data"]["source"] == str(data) and tf.header["teacher"]["own_rows"] == sum(s == n for n, s in enumerate(src))
+        assert [ln["trace"] for ln in tf.lines] == [examples[s].cot for s in src]
     truth = read_truth(truth_path)
     assert truth.ids == [ex.id for ex in examples] and truth.teachers == sc.teachers
     by_id = {ex.id: ex for ex in examples}
@@ -97,6 +108,32 @@ def test_planted_traces_read_back_from_the_caches(shared_data, tmp_path, tiny_te
     wins = [float(nll[n][truth.good[n]].min()) < float(nll[n][~truth.good[n]].min()) for n in range(len(examples))]
     sig = RT.nll_signal(urls, truth.good)
     assert sig["rows"] == len(examples) and sig["good_lowest"] == pytest.approx(sum(wins) / len(wins))
+
+
+def test_planted_cache_via_the_trace_file_equals_the_old_data_file_cache(shared_data, tmp_path, tiny_teacher):
+    """The planted teacher read from its trace file (kvkd extract --trace FILE --keep all) gives, array by array,
+    the cache of the data file the benchmark wrote before (id, question, the planted cot, answer as JSONL)."""
+    import numpy as np
+
+    from kvkd.cache.reader import CacheReader
+    from kvkd.pipeline.extract import ExtractConfig, extract
+
+    data = _rows(shared_data, tmp_path, 8)
+    examples = load_examples(str(data), fmt="jsonl").examples
+    sc = RT.plant("graded-p50", [RT.reasoning_steps(ex) for ex in examples])
+    files, _ = RT.write_planted(tmp_path / "planted", examples, sc, {"source": str(data), "format": "jsonl"})
+    [url] = RT.extract_planted(files[1:], tmp_path / "work", str(tiny_teacher), slots=2)  # the teacher bad on half the rows
+    old = tmp_path / "old.jsonl"
+    old.write_text("".join(json.dumps({"id": ex.id, "question": ex.question, "cot": examples[s].cot, "answer": ex.answer}) + "\n"
+                           for ex, s in zip(examples, sc.sources[1])))
+    extract(ExtractConfig(model=str(tiny_teacher), data=str(old), data_format="jsonl", out=str(tmp_path / "old.zarr"), slots=2, batch_size=8))
+    new, ref = CacheReader.open(url), CacheReader.open(str(tmp_path / "old.zarr"))
+    assert new.metadata["dataset"]["fingerprint"] == ref.metadata["dataset"]["fingerprint"]
+    a, b = new.read(slice(0, 8)), ref.read(slice(0, 8))
+    assert a.keys() == b.keys() and len(a) > 5
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    assert new.metadata["prompt"] == ref.metadata["prompt"] and new.metadata["layout"] == ref.metadata["layout"]
 
 
 @pytest.mark.slow  # ~4 min on 2 shared cores: 18 tiny training runs

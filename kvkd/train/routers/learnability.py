@@ -25,12 +25,14 @@ def teacher_traces(examples: list, meta: dict) -> list[str]:
         ValueError: the recorded data cannot be read, or holds other rows than the training
             rows (names the cache's source and the fix).
     """
-    from kvkd.data import build_trace, load_examples
+    from kvkd.data import TRACE_KINDS, build_trace, load_examples
 
     d = meta.get("dataset", {})
     source = d.get("source")
+    trace_file = d.get("format") == "trace"  # kvkd extract --trace FILE: the file's row window and the selection it applied
     try:
-        loaded = load_examples(str(source), split=d.get("split"), fmt=d.get("format") or "auto", limit=d.get("rows"), offset=d.get("offset") or 0).examples
+        loaded = load_examples(str(source), split=d.get("split"), fmt=d.get("format") or "auto", limit=d.get("limit") if trace_file else d.get("rows"),
+                               offset=d.get("offset") or 0, **(d.get("trace_selection") or {} if trace_file else {})).examples
     except Exception as err:  # noqa: BLE001 - any unreadable source gets the same one-line reason
         raise ValueError(f"cannot read the traces of the cache built from {source!r}: {err}") from None
     by_id = {ex.id: ex for ex in loaded}
@@ -42,6 +44,7 @@ def teacher_traces(examples: list, meta: dict) -> list[str]:
             raise ValueError(f"the data {source!r} a teacher cache records has no row {ex.id!r} as trained on; "
                              "the cache must have been extracted from a file with the same rows")
         kind = d.get("trace_fallback") if ex.id in fallback else d.get("trace", "nl")
+        kind = "nl" if kind not in TRACE_KINDS else kind  # a trace file's example holds the trace read as its CoT
         traces.append(build_trace(src, kind or "nl", drop_last_step=bool(d.get("drop_last_step")), allow_empty=True))
     return traces
 
