@@ -268,15 +268,32 @@ def resolve_cache(spec: str, root: str = "") -> str:
 
 
 def live_claims(url: str) -> list[str]:
-    """Claim files of live writers in a local cache's ``.claims/`` (stale ones, of dead local pids, left out)."""
+    """Claims of live writers of the cache at ``url``: ``shard-*`` in its ``.claims/``, in a local
+    folder or on an object store with claims (S3). Stale ones (a dead pid on this host) are left
+    out; a claim from another host counts as live (it cannot be checked from here)."""
     from kvkd.cache import claims
 
-    folder = claims.claims_dir(url)
-    if folder is None or not folder.is_dir():
-        return []
+    where = claims.location(url)
     host = socket.gethostname()
     out = []
-    for p in sorted(folder.glob("shard-*")):
+    if isinstance(where, claims.RemoteClaims):
+        try:
+            names = sorted(where.fs.ls(where.root, detail=False))
+        except FileNotFoundError:
+            return []
+        for path in names:
+            if not path.rsplit("/", 1)[-1].startswith("shard-"):
+                continue
+            holder = claims._remote_holder(where, path)
+            if holder is None:
+                continue
+            same_host_dead = bool(holder) and holder.get("host") == host and not claims._pid_alive(int(holder.get("pid", -1)))
+            if not same_host_dead:
+                out.append(f"{where.url.rsplit('/.claims', 1)[0]}/.claims/{path.rsplit('/', 1)[-1]}")
+        return out
+    if where is None or not where.is_dir():
+        return []
+    for p in sorted(where.glob("shard-*")):
         holder = claims._holder(p)
         if holder is not None and not claims._is_stale(p, holder, host):
             out.append(str(p))

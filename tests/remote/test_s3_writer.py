@@ -144,3 +144,19 @@ def test_endpoint_ignoring_conditional_writes_is_refused(s3_url, monkeypatch):
     monkeypatch.undo()
     assert not [p for p in _fs().find(s3_url.removeprefix("s3://") + "/.claims") if "probe-" in p]  # the probe is removed
     writer.write_shard(0, make_rows(TINY, 0, 4))
+
+
+def test_cache_rm_and_ls_see_a_live_writer_claim_on_s3(s3_url):
+    from kvkd.cache.store import describe, live_claims, remove_cache
+
+    _write_all(s3_url)
+    assert live_claims(s3_url) == [] and describe(s3_url)["status"] == "complete"
+    _put_claim(s3_url, 1, os.getpid())  # a live writer (this process) holds shard 1
+    assert live_claims(s3_url) == [f"{s3_url}/.claims/shard-1"]
+    assert describe(s3_url)["status"] == "being written"
+    with pytest.raises(CacheError, match=r"is being written \(live claim s3://.*/\.claims/shard-1\)"):
+        remove_cache(s3_url, force=True)
+    assert _fs().exists(s3_url.removeprefix("s3://") + "/zarr.json")  # nothing removed
+    _put_claim(s3_url, 1, _dead_pid())  # its writer died on this host: stale, no longer blocks
+    assert live_claims(s3_url) == []
+    assert remove_cache(s3_url) and not _fs().exists(s3_url.removeprefix("s3://") + "/zarr.json")
