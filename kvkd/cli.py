@@ -143,10 +143,11 @@ def _resolve(cls, section: str, config: str | None, flags: dict):
 
         from kvkd.threads import resolve_threads
 
+        global _THREADS_NOTE
         threads, why = resolve_threads(cfg.num_threads)
         torch.set_num_threads(threads)
-        if not cfg.num_threads and threads < (os.cpu_count() or 1):  # auto chose fewer than torch would: say why
-            print(f"torch threads: {why}", file=sys.stderr, flush=True)
+        if not cfg.num_threads and threads < (os.cpu_count() or 1):  # auto chose fewer than torch would: said when work starts
+            _THREADS_NOTE = f"torch threads: {why}"
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     if not console.is_terminal:  # a log file gets kvkd's progress lines, not transformers' tqdm bars
         from transformers.utils import logging as hf_logging
@@ -208,14 +209,34 @@ class PlainProgress:
         t["printed"] = n
 
 
+_THREADS_NOTE = ""  # set by _resolve when --threads 0 chose fewer threads than cores; printed at the first progress update
+
+
 def _progress(unit: str):
-    """A live bar in a terminal; plain progress lines otherwise (log files, SLURM jobs)."""
+    """A live bar in a terminal; plain progress lines otherwise (log files, SLURM jobs). The first
+    one of a command first says how many torch threads ``--threads 0`` chose, if fewer than the
+    cores (at its first update, once the work has started, so that an option error stays one line)."""
+    global _THREADS_NOTE
     if not console.is_terminal:
-        return PlainProgress(console, float(os.environ.get("KVKD_PROGRESS_EVERY_S", "30")))
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
-        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
-    )
+        prog = PlainProgress(console, float(os.environ.get("KVKD_PROGRESS_EVERY_S", "30")))
+    else:
+        prog = Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
+            TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=console,
+        )
+    note, _THREADS_NOTE = _THREADS_NOTE, ""
+    if note:  # said at the first progress update: work has started, every option check has passed
+        update = prog.update
+
+        def first_update(*args, **kwargs):
+            nonlocal note
+            if note:
+                prog.console.print(note, markup=False, highlight=False, style="dim")
+                note = ""
+            return update(*args, **kwargs)
+
+        prog.update = first_update
+    return prog
 
 
 def _codec_names(codecs) -> str:

@@ -218,6 +218,21 @@ def _summary(cfg: SFTConfig, rundir: RunDir, rows: int, entries: list[dict], sta
                       resumed_from=start, steps_run=max(0, cfg.steps - start))
 
 
+def check_sft_options(cfg: SFTConfig) -> None:
+    """The checks of ``kvkd sft``'s options that need no data or model (``kvkd sweep`` runs them
+    for its SFT cells before any cell starts).
+
+    Raises:
+        ValueError: no ``--out`` or ``--data``; ``--steps``, ``--batch-size`` or ``--grad-accum`` < 1.
+    """
+    if not cfg.out:
+        raise ValueError("no run folder given: pass --out RUN_DIR")
+    if not cfg.data:
+        raise ValueError("no data given: pass --data (a data set, or a kvkd generate trace file)")
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1:
+        raise ValueError("--steps, --batch-size and --grad-accum must be >= 1")
+
+
 def sft(cfg: SFTConfig, on_step: Callable[[SFTStep], None] | None = None) -> SFTSummary:
     """Fine-tune ``cfg.model`` on the rows' SFT targets and export it to ``OUT/model``; a run
     folder with checkpoints resumes from the newest (module docstring). With ``cfg.deepspeed``
@@ -233,12 +248,7 @@ def sft(cfg: SFTConfig, on_step: Callable[[SFTStep], None] | None = None) -> SFT
         kvkd.train.rundir.NonFiniteError: a NaN/inf loss or gradient (the run stops);
         kvkd.data.DataError: unreadable data; kvkd.models.ModelLoadError.
     """
-    if not cfg.out:
-        raise ValueError("no run folder given: pass --out RUN_DIR")
-    if not cfg.data:
-        raise ValueError("no data given: pass --data (a data set, or a kvkd generate trace file)")
-    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1:
-        raise ValueError("--steps, --batch-size and --grad-accum must be >= 1")
+    check_sft_options(cfg)
     cfg = absolute_paths(cfg)
     examples = load_examples(cfg.data, split=cfg.split, fmt=cfg.data_format, offset=cfg.offset or 0, limit=cfg.limit).examples
     if not examples:

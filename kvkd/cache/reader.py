@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import zarr
 import zarr.errors
+import zarr.storage
 
 from kvkd.cache import integrity, remote
 from kvkd.cache import zarr_adapter as za
@@ -73,6 +74,7 @@ class CacheReader:
             raise CacheError(f"cache {url}: its checksum table lists arrays {self.metadata.get('checksums', {}).get('arrays')}, "
                              f"its layout has {self._names}; the metadata is damaged")
         self._checked: set[int] = set()  # shards whose objects passed the size/index check
+        self._local_sizes: dict[tuple[str, int], int] = {}  # local shard files of checked shards: size when checked
         self._flags = self._read_flags()  # (N,) uint8
 
     @classmethod
@@ -209,6 +211,7 @@ class CacheReader:
     def _check_shards(self, idx: np.ndarray) -> None:
         for shard in np.unique(idx // self.layout.examples_per_shard).tolist():
             if shard in self._checked:
+                self._check_still_there(shard)
                 continue
             problems = self.shard_problems(shard, full=self.check == "full")
             if problems and self._evict_local(shard, {p.array for p in problems}):  # damaged local copies: download again
@@ -217,6 +220,31 @@ class CacheReader:
                 more = f" (and {len(problems) - 1} more problem(s))" if len(problems) > 1 else ""
                 raise CacheError(f"cache {self.url}: {self._locate(problems[0])}{more}; {_DAMAGED_HINT}")
             self._checked.add(shard)
+            self._local_sizes.update(self._local_shard_sizes(shard))
+
+    def _local_shard_sizes(self, shard: int) -> dict[tuple[str, int], int]:
+        """(array, shard) -> size of its shard file, for a cache in a local folder (else empty)."""
+        store = self.group.store
+        if not isinstance(store, zarr.storage.LocalStore):
+            return {}  # object stores: a read-through copy is local and kept; others are checked per open
+        out = {}
+        for name in self._names:
+            arr = self._arrays[name]
+            f = Path(store.root) / arr.path / za.shard_key(arr, shard)
+            out[(name, shard)] = f.stat().st_size if f.is_file() else -1
+        return out
+
+    def _check_still_there(self, shard: int) -> None:
+        """A checked shard's local files are still there, same size: a cache removed or replaced
+        while it is being read (``kvkd cache rm`` during training) must not read as zeros."""
+        now = self._local_shard_sizes(shard)
+        for key, size in now.items():
+            if key in self._local_sizes and size != self._local_sizes[key]:
+                lo, hi = self.layout.shard_range(shard)
+                what = "was removed" if size < 0 else f"changed size ({self._local_sizes[key]:,} -> {size:,} bytes)"
+                raise CacheError(f"cache {self.url}: array '{key[0]}', examples {lo}-{hi - 1} (shard {shard}): its shard file {what} "
+                                 f"while this process was reading the cache (removed or rewritten under a running job?); "
+                                 f"restore the cache, then rerun (a training run resumes from its last checkpoint)")
 
     def _locate(self, problem: ChunkProblem) -> str:
         """``problem``'s message, led by the exact chunk when the shard object is intact but

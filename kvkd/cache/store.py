@@ -262,9 +262,7 @@ def resolve_cache(spec: str, root: str = "") -> str:
     Raises:
         CacheError: an unknown name (naming the closest ones).
     """
-    if "://" in spec or "::" in spec or not is_name(spec) or os.path.exists(spec):
-        return spec
-    return CacheStore(root).resolve(spec).url
+    return locate(spec, root)[0]
 
 
 def live_claims(url: str) -> list[str]:
@@ -393,8 +391,19 @@ def list_caches(root: str = "") -> list[dict[str, Any]]:
 
 
 def locate(spec: str, root: str = "") -> tuple[str, StoreEntry | None]:
-    """``NAME|KEY|URL`` -> (cache URL, its store entry or None for a plain path/URL)."""
-    if "://" in spec or "::" in spec or not is_name(spec) or os.path.exists(spec):
+    """``NAME|KEY|URL`` -> (cache URL, its store entry or None for a plain path/URL).
+
+    Raises:
+        CacheError: an unknown name (naming the closest ones), or a bare name that is both a
+            folder here and a name in the root (ambiguous: which one is meant is not guessed).
+    """
+    if "://" in spec or "::" in spec or not is_name(spec):
+        return spec, None
+    if os.path.exists(spec):
+        store = CacheStore(root)
+        if store.fs.exists(store.path) and store.name_record(spec) is not None:
+            raise CacheError(f"{spec!r} is both a folder here and a cache name under {store.root}: "
+                             f"pass ./{spec} for the folder, or run from another directory for the named cache")
         return spec, None
     entry = CacheStore(root).resolve(spec)
     return entry.url, entry

@@ -145,3 +145,15 @@ def test_read_scattered_int8_matches_slices(url):
         one = reader.read(slice(i, i + 1))
         for k in got:
             np.testing.assert_array_equal(got[k][j], one[k][0])
+
+
+def test_a_shard_removed_while_the_cache_is_being_read_is_an_error_not_zeros(complete):
+    url, rows = complete
+    r = CacheReader.open(url)
+    np.testing.assert_array_equal(r.read([0, 1])["keys"], rows["keys"][:2])  # shard 0 checked and read
+    shard_file = __import__("pathlib").Path(url, "keys", "c", "0", "0", "0", "0", "0")  # keys (n, L, H, M, D): shard 0
+    assert shard_file.is_file()
+    shard_file.unlink()  # `kvkd cache rm` (or anything) under a running reader
+    with pytest.raises(CacheError, match=r"array 'keys', examples 0-3 \(shard 0\): its shard file was removed while this process was reading"):
+        r.read([1])
+    assert r.read([5])["keys"].shape[0] == 1  # the other shards still read

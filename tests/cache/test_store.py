@@ -197,3 +197,17 @@ def test_cli_ls_cp_rm(tmp_path):
     assert r.exit_code == 2 and "closest: tiny" in r.output and "Traceback" not in r.output
     r = runner.invoke(app, ["cache", "rm", "tiny", "--cache-root", root, "--yes"])
     assert r.exit_code == 0 and not (tmp_path / "root" / "caches" / key).exists()
+
+
+def test_a_folder_here_with_a_cache_name_of_the_root_is_ambiguous_not_guessed(tmp_path, monkeypatch):
+    from kvkd.cache.errors import CacheError
+
+    root = tmp_path / "root"
+    store, key = _stored(root, name="team")
+    url = store.url_of(key)
+    monkeypatch.chdir(tmp_path)
+    assert resolve_cache("team", str(root)) == url
+    (tmp_path / "team").mkdir()  # e.g. `kvkd cache cp team team` run here made a folder of that name
+    with pytest.raises(CacheError, match=r"'team' is both a folder here and a cache name under .*root: pass ./team for the folder"):
+        resolve_cache("team", str(root))
+    assert resolve_cache("./team", str(root)) == "./team"
