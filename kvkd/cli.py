@@ -719,9 +719,28 @@ def report(
     console.print(f"plot: {path}")
 
 
-def main() -> None:  # pragma: no cover
+def _storage_unreachable(err: BaseException) -> bool:
+    """An object store / HTTP endpoint that cannot be reached (botocore, aiohttp, sockets)."""
+    for e in (err, err.__cause__, err.__context__):
+        if e is None:
+            continue
+        mod = type(e).__module__ or ""
+        if (mod.startswith(("botocore", "aiobotocore", "aiohttp")) and "connect" in type(e).__name__.lower()) or isinstance(e, ConnectionError):
+            return True
+    return False
+
+
+def main() -> None:  # pragma: no cover - tested through subprocesses
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    app()
+    try:
+        app()
+    except Exception as err:  # noqa: BLE001 - only the unreachable-endpoint case becomes one line
+        if not _storage_unreachable(err):
+            raise
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        print(f"error: cannot reach the storage endpoint ({first}); check the URL, the endpoint "
+              f"(AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL for S3-compatible servers) and the network", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -464,6 +464,10 @@ def copy_cache(src: str, dst: str, on_progress: Callable[[int, int], None] | Non
     spath, dpath = spath.rstrip("/"), dpath.rstrip("/")
     if _protocols(sfs) == _protocols(dfs) and spath == dpath:
         raise CacheError(f"cache cp: source and destination are the same place ({src})")
+    if _protocols(sfs) == _protocols(dfs) and (dpath + "/").startswith(spath + "/"):
+        raise CacheError(f"cache cp: the destination {dst} is inside the source {src}; choose a destination outside it")
+    if {"s3", "s3a"} & set(_protocols(dfs)) and not dfs.exists(dpath.split("/", 1)[0]):
+        raise CacheError(f"cache cp: bucket {dpath.split('/', 1)[0]!r} of {dst} does not exist (kvkd never creates buckets); create it or fix the URL")
     src_meta = json.loads(sfs.cat_file(f"{spath}/{_ROOT_META}"))
     if dfs.exists(f"{dpath}/{_ROOT_META}"):
         dst_meta = json.loads(dfs.cat_file(f"{dpath}/{_ROOT_META}"))

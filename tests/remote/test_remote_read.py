@@ -133,3 +133,20 @@ def test_flipped_byte_in_one_chunk_reported_exactly(backend, local_cache, s3_cac
     msg = str(e.value)
     assert "\n" not in msg and msg.count("array 'hidden', example 6 (shard 1): unreadable chunk") == 1, msg
     assert not (tmp_path / "run").exists(), sorted(p.name for p in (tmp_path / "run").iterdir())
+
+
+def test_an_unreachable_s3_endpoint_is_one_line_not_a_traceback(tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:  # a loopback port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**__import__("os").environ, "AWS_ENDPOINT_URL_S3": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "x",
+           "AWS_SECRET_ACCESS_KEY": "x", "AWS_MAX_ATTEMPTS": "1", "KVKD_HOME": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", "from kvkd.cli import main; main()", "cache", "info", "s3://no-bucket/t.zarr"],
+                       capture_output=True, text=True, env=env, timeout=120)
+    out = (r.stdout + r.stderr).strip().splitlines()
+    assert r.returncode == 2 and "Traceback" not in r.stdout + r.stderr
+    assert len(out) == 1 and out[0].startswith("error: cannot reach the storage endpoint") and f"127.0.0.1:{port}" in out[0], out

@@ -56,3 +56,21 @@ def test_s3_root_extract_reuse_ls_cp_and_resolve(rows, tiny_teacher, s3_url, tmp
             np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     resumed = copy_cache(str(local), back)  # a rerun skips what is there
     assert resumed.files_skipped > 0
+
+
+def test_cp_never_creates_a_bucket_nor_copies_into_its_own_source(s3_server, tmp_path):
+    import s3fs
+
+    from kvkd.cache.errors import CacheError
+    from tests.cache.helpers import METADATA, TINY, write_all
+    from kvkd.cache import CacheWriter
+
+    src = str(tmp_path / "src.zarr")
+    w = CacheWriter.open(src, TINY, METADATA)
+    write_all(w)
+    assert w.finalize()
+    with pytest.raises(CacheError, match=r"bucket 'no-such-bucket' of s3://no-such-bucket/x.zarr does not exist \(kvkd never creates buckets\)"):
+        copy_cache(src, "s3://no-such-bucket/x.zarr")
+    assert "no-such-bucket" not in [b.rstrip("/") for b in s3fs.S3FileSystem(skip_instance_cache=True).ls("")]
+    with pytest.raises(CacheError, match="is inside the source"):
+        copy_cache(src, src + "/sub")
