@@ -50,7 +50,7 @@ from kvkd.config import DataSelection, RuntimeArgs, opt, override
 from kvkd.data import TRACE_KINDS, Example, build_trace, dataset_fingerprint, load_examples
 from kvkd.models import load_model
 from kvkd.prompts import PromptTemplate
-from kvkd.train.engines import build_engine, check_batches_split
+from kvkd.train.engines import build_engine, check_batches_split, check_deepspeed_launch
 from kvkd.train.options import CheckpointArgs, LoraArgs, OptimArgs, TrainConfig
 from kvkd.train.rundir import WEIGHTS, NonFiniteError, RunDir, RunFolderError, check_resume, copy_state, disk_error, make_readable, provenance, resume_point
 from kvkd.train.student import make_trainable
@@ -223,7 +223,8 @@ def check_sft_options(cfg: SFTConfig) -> None:
     for its SFT cells before any cell starts).
 
     Raises:
-        ValueError: no ``--out`` or ``--data``; ``--steps``, ``--batch-size`` or ``--grad-accum`` < 1.
+        ValueError: no ``--out`` or ``--data``; ``--steps``, ``--batch-size`` or ``--grad-accum`` < 1;
+            ``--deepspeed`` without its file or without a launcher.
     """
     if not cfg.out:
         raise ValueError("no run folder given: pass --out RUN_DIR")
@@ -231,6 +232,7 @@ def check_sft_options(cfg: SFTConfig) -> None:
         raise ValueError("no data given: pass --data (a data set, or a kvkd generate trace file)")
     if cfg.steps < 1 or cfg.batch_size < 1 or cfg.grad_accum < 1:
         raise ValueError("--steps, --batch-size and --grad-accum must be >= 1")
+    check_deepspeed_launch(cfg)
 
 
 def sft(cfg: SFTConfig, on_step: Callable[[SFTStep], None] | None = None) -> SFTSummary:

@@ -466,6 +466,24 @@ def _input_to_weight_dtype(module, args):
     return (args[0].to(module.weight.dtype), *args[1:])
 
 
+def check_deepspeed_launch(cfg, env=None) -> None:
+    """Before anything heavy: a ``--deepspeed`` run needs its config file and a distributed
+    launcher (torchrun or deepspeed set ``LOCAL_RANK``/``RANK``); without one DeepSpeed falls back
+    to MPI discovery and fails deep inside its init (``No module named 'mpi4py'``).
+
+    Raises:
+        ValueError: the config file is missing, or no launcher started this process.
+    """
+    if not getattr(cfg, "deepspeed", ""):
+        return
+    env = os.environ if env is None else env
+    if not os.path.isfile(cfg.deepspeed):
+        raise ValueError(f"--deepspeed {cfg.deepspeed}: no such file; give a DeepSpeed JSON config (kvkd/configs/ds_zero2.json is one)")
+    if "LOCAL_RANK" not in env and "RANK" not in env:
+        raise ValueError(f"--deepspeed needs a distributed launcher: run `torchrun --nproc_per_node N -m kvkd.cli ...` "
+                         f"(or `deepspeed`), with DS_ACCELERATOR=cpu on a machine without GPUs")
+
+
 def build_engine(trainee: torch.nn.Module, cfg):
     """The engine a config asks for: DeepSpeed if ``cfg.deepspeed`` is set, else plain on ``cfg.device``."""
     if cfg.deepspeed:

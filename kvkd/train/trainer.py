@@ -259,6 +259,9 @@ def check_options(cfg: TrainConfig) -> None:
     Raises:
         ValueError: names the option, the bad value and the choices.
     """
+    from kvkd.train.engines import check_deepspeed_launch
+
+    check_deepspeed_launch(cfg)
     if cfg.fusion not in FUSIONS:
         raise ValueError(f"--fusion {cfg.fusion!r}: choose one of {FUSIONS}")
     for term in terms():  # each term checks its own options (weight >= 0, choices)

@@ -205,3 +205,17 @@ def test_zero3_two_ranks_resume_export_and_eval(deepspeed_cpu, caches, tiny_stud
     by_export = evaluate(EvalConfig(run=str(out), data=str(data), limit=4, batch_size=4, out=str(tmp_path / "eval-b")))
     assert by_export.n == by_run.n == 4
     assert by_export.mean_answer_nll == pytest.approx(by_run.mean_answer_nll, rel=1e-3)
+
+
+def test_deepspeed_needs_its_file_and_a_launcher_before_anything_runs(tmp_path):
+    from kvkd.train.engines import check_deepspeed_launch
+
+    cfg = TrainConfig(deepspeed=str(tmp_path / "nope.json"))
+    with pytest.raises(ValueError, match=r"--deepspeed .*nope.json: no such file"):
+        check_deepspeed_launch(cfg, env={"LOCAL_RANK": "0"})
+    (tmp_path / "ds.json").write_text("{}")
+    cfg = TrainConfig(deepspeed=str(tmp_path / "ds.json"))
+    with pytest.raises(ValueError, match=r"--deepspeed needs a distributed launcher: run `torchrun --nproc_per_node N"):
+        check_deepspeed_launch(cfg, env={})
+    check_deepspeed_launch(cfg, env={"LOCAL_RANK": "0", "RANK": "0"})  # under torchrun: fine
+    check_deepspeed_launch(TrainConfig(), env={})  # no DeepSpeed: nothing to check
