@@ -575,12 +575,17 @@ def cache_verify(path: str = typer.Argument(..., help="Cache: a name or key of -
 
 @cache_app.command("ls")
 def cache_ls(root: Optional[str] = typer.Argument(None, help="Cache root (folder or fsspec URL) [default: --cache-root's default: $KVKD_CACHE_ROOT, else $KVKD_HOME/caches]."),
-             as_json: bool = typer.Option(False, "--json", help="Print JSON (one object per cache) for scripts.")):
+             as_json: bool = typer.Option(False, "--json", help="Print JSON (an array, one object per cache name) for scripts.")):
     """List the caches of a cache root: name, key, teacher, data, rows, M, codec, bytes, status (from the flags; nothing verified), who made it, when, kvkd version."""
+    from kvkd.cache.errors import CacheError
     from kvkd.cache.store import CacheStore, list_caches
 
     try:
-        root = CacheStore(root or "").root
+        store = CacheStore(root or "")
+        if root and store.local and not os.path.exists(store.path):  # a mistyped root is not an empty one
+            raise CacheError(f"cache root {store.root} does not exist: check the path (a root is made by the first "
+                             f"`kvkd extract --out auto --cache-root {store.root}`)")
+        root = store.root
         rows = list_caches(root)
     except (*ERRORS, OSError) as err:
         _fail(err)

@@ -186,6 +186,9 @@ def test_cli_ls_cp_rm(tmp_path):
     assert r.exit_code == 0 and "tiny" in r.output and key in r.output and "complete" in r.output, r.output
     r = runner.invoke(app, ["cache", "ls", root, "--json"])
     assert [(x["name"], x["key"], x["rows"]) for x in json.loads(r.output)] == [("tiny", key, 10)]
+    r = runner.invoke(app, ["cache", "ls", str(tmp_path / "roott")])  # a mistyped root: one line, not an empty table
+    assert r.exit_code == 2 and "does not exist" in r.output and "roott" in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "roott").exists()
     r = runner.invoke(app, ["cache", "info", "tiny", "--cache-root", root, "--json"])
     assert r.exit_code == 0 and '"num_examples": 10' in r.output, r.output
     r = runner.invoke(app, ["cache", "cp", "tiny", str(tmp_path / "copy"), "--cache-root", root])
