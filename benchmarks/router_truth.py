@@ -3,6 +3,7 @@
     python benchmarks/router_truth.py                                   # defaults below (< 1 h on 2 cores)
     python benchmarks/router_truth.py --routers oracle,fixed,min-ce --scenario corrupted-k3 --seeds 0
     python benchmarks/router_truth.py --scenario all --seeds 0,1,2      # the full grid (hours on a CPU)
+    python benchmarks/router_truth.py --scenario all --report-only --import old/results.json   # tables over runs made elsewhere
 
 Every teacher is the same real model (SmolLM2 by default) on the same GSM8K rows; what differs
 is the trace it reads. A *good* teacher on a row reads that row's gold trace; a *bad* one reads
@@ -14,6 +15,12 @@ the trace of a different row (fluent, confident and wrong). Scenarios (``--scena
   ``complementary-k3-good`` / ``-k3-bad`` add a third teacher good / bad everywhere.
 - ``graded-pP`` (P = 25, 50, 75): teacher 0 good everywhere, teacher 1 bad on a known P% of
   the rows (nested: the rows of p = 0.25 are among those of 0.5).
+- ``distinct-k3``: two good teachers that are *not* copies of each other, and one bad one:
+  teacher 0 reads the gold natural-language trace, teacher 1 the same row's gold calculator
+  equations (``<<48/2=24>>`` per step, the GSM8k-Aug / iCoT style), teacher 2 another row's
+  trace. In ``corrupted-k3`` the two good teachers read the same text, so their caches are
+  identical and any agreement rule (``govern``, ``grad-cosine``) finds them trivially; here
+  agreement has to survive two different ways of writing the same correct reasoning.
 
 A bad row reads the trace of its image under one fixed derangement of the training rows
 (seeded, no fixed point). Each distinct teacher (its source row per training row) is written
@@ -42,7 +49,9 @@ signal is symmetric), so they run only in scenarios with K >= 3. Outputs (``--ou
 ``benchmarks/results/router_truth``): ``results.md``, ``results.csv``, ``results.json`` (every
 run, per-step accuracies, load averages) and per scenario ``<scenario>.png`` (accuracy over
 steps per router; final NLL per router with error bars over seeds). Finished runs are kept in
-the work folder and not rerun.
+the work folder and not rerun; ``--import`` adds the runs of an earlier ``results.json`` made
+with the same settings (each marked ``imported_from``), so a table can combine pieces run at
+different times or on different machines.
 """
 
 from __future__ import annotations
@@ -67,7 +76,7 @@ import _common as C  # noqa: E402
 SCENARIOS = (
     "corrupted-k2", "corrupted-k3", "corrupted-k4",
     "complementary-k2", "complementary-k3-good", "complementary-k3-bad",
-    "graded-p25", "graded-p50", "graded-p75",
+    "graded-p25", "graded-p50", "graded-p75", "distinct-k3",
 )
 DEFAULT_SCENARIOS = ("corrupted-k3", "complementary-k2", "graded-p50")
 NEEDS_K3 = ("govern", "grad-cosine")  # pairwise agreement: symmetric, hence blind, with two teachers
@@ -82,11 +91,19 @@ class Scenario:
         name: e.g. ``corrupted-k3``.
         sources: K lists of N row indices: teacher k reads, on row n, the trace of row sources[k][n].
         teachers: K short names (``good``, ``bad``, ``good-on-X`` ...).
+        kinds: K trace kinds (``nl``: the row's CoT; ``equations``: its calculator equations,
+            one per line); None = ``nl`` for every teacher.
     """
 
     name: str
     sources: list[list[int]]
     teachers: list[str]
+    kinds: list[str] | None = None
+
+    @property
+    def trace_kinds(self) -> list[str]:
+        """The K trace kinds (``nl`` where :attr:`kinds` is None)."""
+        return list(self.kinds) if self.kinds is not None else ["nl"] * len(self.sources)
 
     @property
     def good(self) -> list[list[bool]]:
@@ -141,6 +158,8 @@ def plant(name: str, steps_per_row: list[int], seed: int = DERANGEMENT_SEED) -> 
         p = int(arg[1:]) / 100
         order = torch.randperm(N, generator=torch.Generator().manual_seed(seed + 1)).tolist()
         return Scenario(name, [gold, mix(set(order[: round(p * N)]))], ["good", f"bad-on-{arg[1:]}%"])
+    if kind == "distinct" and arg == "k3":
+        return Scenario(name, [gold, gold, bad], ["good", "good-equations", "bad"], ["nl", "equations", "nl"])
     raise ValueError(f"unknown scenario {name!r}; choose from {', '.join(SCENARIOS)} or all")
 
 
@@ -149,17 +168,36 @@ def reasoning_steps(example) -> int:
     return sum(1 for line in example.cot.split("\n") if line.strip())
 
 
-def planted_header(examples: list, sources: list[int], data: dict, seed: int = DERANGEMENT_SEED) -> dict:
+def planted_trace(example, kind: str = "nl") -> str:
+    """The text a planted teacher reads from ``example``: its CoT (``nl``), or its calculator
+    equations one per line (``equations``, ``<<48/2=24>>``; one per line so that extraction's
+    drop-last-step removes the last equation as it removes the last CoT line).
+
+    Raises:
+        ValueError: unknown kind, or a row without equations.
+    """
+    if kind == "nl":
+        return example.cot
+    if kind == "equations":
+        if not example.equations:
+            raise ValueError(f"row {example.id!r} has no calculator equations; the distinct scenario needs GSM8K rows with them")
+        return "\n".join(f"<<{eq}>>" for eq in example.equations)
+    raise ValueError(f"unknown planted trace kind {kind!r}; choose nl or equations")
+
+
+def planted_header(examples: list, sources: list[int], data: dict, seed: int = DERANGEMENT_SEED, kind: str = "nl") -> dict:
     """The trace-file header of a planted teacher: which trace each row reads (a hash of its
-    source rows, how many read their own), over the real rows ``data`` (source, format, split,
-    offset, rows; the fingerprint is computed here)."""
+    source rows and trace kind, how many read their own), over the real rows ``data`` (source,
+    format, split, offset, rows; the fingerprint is computed here)."""
     from kvkd.data import dataset_fingerprint
 
-    digest = hashlib.sha256(json.dumps(sources).encode()).hexdigest()[:16]
+    # an nl teacher's name is the hash of its sources alone (the names of the caches written before kinds existed)
+    key = sources if kind == "nl" else {"sources": sources, "kind": kind}
+    digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
     own = sum(s == n for n, s in enumerate(sources))
     return {"kvkd_traces": 1,
             "teacher": {"spec": f"planted-{digest}", "source": "benchmarks/router_truth.py", "own_rows": own, "rows": len(sources),
-                        "derangement_seed": seed, "sources_sha256": digest},
+                        "derangement_seed": seed, "sources_sha256": digest, **({"trace_kind": kind} if kind != "nl" else {})},
             "engine": {"name": "planted", "version": "router_truth 1 (another row's gold trace on the bad rows)"},
             "sampling": {"samples": 1, "seed": seed},
             "prompt": {"template": None, "chat_template": False, "answer_check": "numeric"},
@@ -182,14 +220,14 @@ def write_planted(folder: Path, examples: list, scenario: Scenario, data: dict |
     data = {"source": None, "format": "jsonl", "split": None, "offset": 0, **(data or {})}
     folder.mkdir(parents=True, exist_ok=True)
     files = []
-    for src in scenario.sources:
-        header = planted_header(examples, src, data)
+    for src, kind in zip(scenario.sources, scenario.trace_kinds):
+        header = planted_header(examples, src, data, kind=kind)
         path = folder / f"{header['teacher']['spec']}.traces.jsonl"
         if not path.exists():  # written beside its name, then renamed: a kill leaves no partial file under it
             tmp = path.with_name(f".{path.name}.tmp")
             writer = TraceWriter(tmp, header, overwrite=True)
             writer.append([{"row": data["offset"] + n, "id": ex.id, "sample": 0, "question": ex.question, "gold": ex.answer, "gold_cot": ex.cot,
-                            "completion": f"{examples[s].cot}\nThe answer is: {examples[s].answer}", "trace": examples[s].cot,
+                            "completion": f"{planted_trace(examples[s], kind)}\nThe answer is: {examples[s].answer}", "trace": planted_trace(examples[s], kind),
                             "answer": examples[s].answer, "correct": examples[s].answer == ex.answer, "finish": "stop", "prompt_tokens": 0, "tokens": 0}
                            for n, (ex, s) in enumerate(zip(examples, src))])
             writer.finish(len(examples), 1)
@@ -350,8 +388,49 @@ def plot(out: Path, results: list[dict], routers: list[str], scenario: str) -> P
     return path
 
 
+SETTINGS = ("teacher", "student", "data", "rows", "eval_rows", "slots", "steps", "batch_size", "lr", "lora_r")  # what a run's result depends on
+
+
+def import_results(path: Path, args, fingerprint: str, runs: Path) -> int:
+    """Seed the work folder with the finished runs of an earlier ``results.json`` (so a table can
+    combine runs made at other times or on other machines without retraining them).
+
+    Each run is written as ``runs/<tag>/<scenario>/<router>/seed<S>/result.json`` with
+    ``imported_from`` set, unless that run is already there. Returns how many were written.
+
+    Raises:
+        ValueError: the file is not a results.json of this benchmark, or its settings
+            (:data:`SETTINGS`) differ from this call's (names the first that differs). The data
+        is compared by the fingerprint of its rows (``data_fingerprint``) where the file
+        records one, else by its resolved path.
+    """
+    try:
+        got = json.loads(path.read_text())
+        old, results = got["args"], got["results"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"--import {path}: not a results.json of this benchmark ({e})") from None
+    for key in SETTINGS:
+        mine, theirs = getattr(args, key), old.get(key)
+        if key == "data":
+            if "data_fingerprint" in got:
+                mine, theirs = fingerprint, got["data_fingerprint"]
+            else:
+                mine, theirs = str(Path(mine).resolve()), str(Path(theirs).resolve()) if theirs else theirs
+        if mine != theirs:
+            raise ValueError(f"--import {path}: its runs used --{key.replace('_', '-')} {theirs}, this call {mine}; "
+                             "give the same settings or leave the file out")
+    written = 0
+    for r in results:
+        done = runs / r["scenario"] / r["router"] / f"seed{r['seed']}" / "result.json"
+        if not done.is_file():
+            done.parent.mkdir(parents=True, exist_ok=True)
+            done.write_text(json.dumps({**r, "imported_from": r.get("imported_from", str(path))}, indent=1))
+            written += 1
+    return written
+
+
 def main(argv: list[str] | None = None) -> int:
-    from kvkd.data import load_examples
+    from kvkd.data import dataset_fingerprint, load_examples
     from kvkd.train.routers import ROUTERS
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -372,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(C.RESULTS / "router_truth"), help="tables and plots")
     ap.add_argument("--work", default=str(C.WORK / "router_truth"), help="planted data, caches and runs (reused)")
     ap.add_argument("--report-only", action="store_true", help="train nothing: tables and plots from the finished runs (missing cells show as –)")
+    ap.add_argument("--import", dest="imports", action="append", default=[], metavar="RESULTS_JSON",
+                    help="first add the runs of an earlier results.json made with the same settings (repeatable; runs already here are kept)")
     args = ap.parse_args(argv)
 
     known = ROUTERS.names()
@@ -397,6 +478,15 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     rows = load_examples(args.data, fmt="jsonl", limit=args.rows + args.eval_rows).examples
     train_rows, eval_rows = rows[: args.rows], rows[args.rows :]
+    fingerprint = dataset_fingerprint(rows)
+    tag = f"n{args.rows}-M{args.slots}-s{args.steps}-b{args.batch_size}-r{args.lora_r}-{args.student}"
+    for path in args.imports:
+        try:
+            n = import_results(Path(path), args, fingerprint, work / "runs" / tag)
+        except ValueError as e:
+            print(e, file=sys.stderr)
+            return 2
+        print(f"  imported {n} runs from {path}", file=sys.stderr, flush=True)
     t0, load0 = time.time(), list(os.getloadavg())
     planted = {}
     for s in scenarios:
@@ -404,7 +494,6 @@ def main(argv: list[str] | None = None) -> int:
         files, truth = write_planted(work / f"planted-n{args.rows}", train_rows, scenario, {"source": str(Path(args.data).resolve()), "format": "jsonl"})
         planted[s] = (scenario, extract_planted(files, work, args.teacher, args.slots), truth)
     results = []
-    tag = f"n{args.rows}-M{args.slots}-s{args.steps}-b{args.batch_size}-r{args.lora_r}-{args.student}"
     for s in scenarios:
         scenario, caches, truth = planted[s]
         for router in routers:
@@ -422,16 +511,18 @@ def main(argv: list[str] | None = None) -> int:
             plot(out, results, routers, s)
     loads = [r["load_avg_before"][0] for r in results] or [float("nan")]
     command = "python benchmarks/router_truth.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    n_imported = sum("imported_from" in r for r in results)
+    imported = f" ({n_imported} of them imported from {', '.join(args.imports)})" if n_imported else ""
     header = (f"Command: `{command.strip()}`  \nSettings: teacher {args.teacher}, student {args.student}, {args.rows} training rows, "
               f"{args.eval_rows} held-out rows, M = {args.slots}, {args.steps} steps of batch {args.batch_size}, LoRA r {args.lora_r}, "
-              f"lr {args.lr}, torch threads {args.threads}, seeds {seeds}. {len(results)} runs, training wall {sum(r['train_wall_s'] for r in results):.0f} s "
+              f"lr {args.lr}, torch threads {args.threads}, seeds {seeds}. {len(results)} runs{imported}, training wall {sum(r['train_wall_s'] for r in results):.0f} s "
               f"in all (this call {time.time() - t0:.0f} s); 1-min load average at the start of the runs {min(loads):.1f}-{max(loads):.1f} on "
               f"{os.cpu_count()} cores (a shared machine).")
     signal = {s: nll_signal(planted[s][1], torch.tensor(planted[s][0].good)) for s in scenarios}
     header += "\n\nCached-NLL signal (rows with both good and bad teachers: share where a good teacher has the lowest cached answer NLL; mean margin): " + "; ".join(
         f"{s} {v['good_lowest']:.2f} over {v['rows']} rows, {v['margin_nats']:+.2f} nats" for s, v in signal.items()) + "."
     md = write_tables(out, results, routers, {s: len(planted[s][1]) for s in scenarios}, header)
-    (out / "results.json").write_text(json.dumps({"command": command.strip(), "args": vars(args), "machine": C.machine(), "wall_s": time.time() - t0,
+    (out / "results.json").write_text(json.dumps({"command": command.strip(), "args": vars(args), "data_fingerprint": fingerprint, "machine": C.machine(), "wall_s": time.time() - t0,
                                                   "load_avg_start": load0, "nll_signal": signal, "results": results}, indent=1))
     print(md.read_text())
     return 0

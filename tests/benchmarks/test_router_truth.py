@@ -57,6 +57,53 @@ def test_graded_known_fraction_nested(p):
         assert bool((~good[:, 1] | lower[:, 1]).all())
 
 
+def test_distinct_two_good_teachers_read_different_kinds_of_trace():
+    sc = RT.plant("distinct-k3", STEPS)
+    good = torch.tensor(sc.good)
+    assert good[:, :2].all() and not good[:, 2].any()
+    assert sc.trace_kinds == ["nl", "equations", "nl"] and RT.plant("corrupted-k3", STEPS).trace_kinds == ["nl"] * 3
+    assert sc.sources[2] == RT.plant("corrupted-k3", STEPS).sources[2]  # the same bad teacher (its cache is shared)
+
+
+def test_planted_trace_kinds(shared_data):
+    ex = load_examples(str(shared_data / "gsm8k" / "train.jsonl"), fmt="jsonl", limit=1).examples[0]
+    assert RT.planted_trace(ex) == ex.cot
+    assert RT.planted_trace(ex, "equations") == "<<48/2=24>>\n<<48+24=72>>"
+    with pytest.raises(ValueError, match="no calculator equations"):
+        RT.planted_trace(type(ex)(ex.id, ex.question, ex.cot, ex.answer), "equations")
+    with pytest.raises(ValueError, match="unknown planted trace kind"):
+        RT.planted_trace(ex, "latex")
+    # the nl teachers' names do not change with kinds; an equations teacher with the same sources is another teacher
+    a = RT.planted_header([ex], [0], {"source": None, "format": "jsonl", "split": None, "offset": 0})
+    b = RT.planted_header([ex], [0], {"source": None, "format": "jsonl", "split": None, "offset": 0}, kind="equations")
+    assert a["teacher"]["spec"] == "planted-" + __import__("hashlib").sha256(b"[0]").hexdigest()[:16] and "trace_kind" not in a["teacher"]
+    assert b["teacher"]["spec"] != a["teacher"]["spec"] and b["teacher"]["trace_kind"] == "equations"
+
+
+def test_import_results_seeds_the_work_folder_and_refuses_other_settings(tmp_path):
+    import argparse
+
+    settings = {"teacher": "smollm2", "student": "smollm2", "data": str(tmp_path / "d.jsonl"), "rows": 16, "eval_rows": 8, "slots": 4,
+                "steps": 8, "batch_size": 2, "lr": 2e-4, "lora_r": 8}
+    run = {"router": "fixed", "scenario": "corrupted-k3", "seed": 1, "final_accuracy": 0.667, "heldout_nll": 2.7, "accuracy_per_step": [0.667]}
+    old = tmp_path / "old.json"
+    old.write_text(json.dumps({"args": settings, "data_fingerprint": "fp1", "results": [run, {**run, "seed": 2}]}))
+    runs, args = tmp_path / "runs", argparse.Namespace(**settings)
+    kept = runs / "corrupted-k3" / "fixed" / "seed2" / "result.json"
+    kept.parent.mkdir(parents=True)
+    kept.write_text('{"mine": 1}')
+    assert RT.import_results(old, args, "fp1", runs) == 1  # seed 2 is already here: kept
+    got = json.loads((runs / "corrupted-k3" / "fixed" / "seed1" / "result.json").read_text())
+    assert got["imported_from"] == str(old) and got["heldout_nll"] == 2.7 and json.loads(kept.read_text()) == {"mine": 1}
+    with pytest.raises(ValueError, match="--steps 8, this call 4"):
+        RT.import_results(old, argparse.Namespace(**{**settings, "steps": 4}), "fp1", runs)
+    with pytest.raises(ValueError, match="--data fp1, this call fp2"):  # the rows, not the path, must match
+        RT.import_results(old, args, "fp2", runs)
+    old.write_text("{}")
+    with pytest.raises(ValueError, match="not a results.json"):
+        RT.import_results(old, args, "fp1", runs)
+
+
 def test_unknown_scenario_named():
     with pytest.raises(ValueError, match="corrupted-k3"):
         RT.plant("corrupted-k9", STEPS)
@@ -68,9 +115,11 @@ def _rows(shared_data, tmp_path, n):
     return src
 
 
-def test_planted_traces_read_back_from_the_caches(shared_data, tmp_path, tiny_teacher):
-    """Extract every planted teacher of complementary-k3-bad and read back, from each cache's
-    recorded data, the trace it read on every row: the truth file's trace_from, and good iff own."""
+@pytest.mark.parametrize("name", ["complementary-k3-bad", "distinct-k3"])
+def test_planted_traces_read_back_from_the_caches(shared_data, tmp_path, tiny_teacher, name):
+    """Extract every planted teacher of the scenario and read back, from each cache's recorded
+    data, the trace it read on every row: the truth file's trace_from, and good iff own."""
+    from dataclasses import replace
     from kvkd.cache.reader import CacheReader
     from kvkd.train.routers.learnability import teacher_traces
 
@@ -79,27 +128,28 @@ def test_planted_traces_read_back_from_the_caches(shared_data, tmp_path, tiny_te
 
     data = _rows(shared_data, tmp_path, 8)
     examples = load_examples(str(data), fmt="jsonl").examples
-    sc = RT.plant("complementary-k3-bad", [RT.reasoning_steps(ex) for ex in examples])
+    sc = RT.plant(name, [RT.reasoning_steps(ex) for ex in examples])
     files, truth_path = RT.write_planted(tmp_path / "planted", examples, sc, {"source": str(data), "format": "jsonl"})
     assert len(set(files)) == 3
     urls = RT.extract_planted(files, tmp_path / "work", str(tiny_teacher), slots=2)
-    for f, url, src in zip(files, urls, sc.sources):  # each cache records its planted trace file; the rows are the real data set's
+    for f, url, src, kind in zip(files, urls, sc.sources, sc.trace_kinds):  # each cache records its planted trace file; the rows are the real data set's
         ds = CacheReader.open(url).metadata["dataset"]
         assert ds["format"] == "trace" and ds["fingerprint"] == dataset_fingerprint(examples) and ds["row_set"].startswith("all 8 rows")
         tf = read_trace_file(f)
         assert ds["trace_file"]["sha256"] == tf.identity()["sha256"] and ds["trace_file"]["teacher"] == tf.header["teacher"]["spec"]
         assert tf.header["data"]["source"] == str(data) and tf.header["teacher"]["own_rows"] == sum(s == n for n, s in enumerate(src))
-        assert [ln["trace"] for ln in tf.lines] == [examples[s].cot for s in src]
+        assert [ln["trace"] for ln in tf.lines] == [RT.planted_trace(examples[s], kind) for s in src]
     truth = read_truth(truth_path)
     assert truth.ids == [ex.id for ex in examples] and truth.teachers == sc.teachers
     by_id = {ex.id: ex for ex in examples}
-    for k, url in enumerate(urls):
+    as_read = lambda ex, kind: build_trace(replace(ex, cot=RT.planted_trace(ex, kind)), "nl", drop_last_step=True)  # noqa: E731
+    for k, (url, kind) in enumerate(zip(urls, sc.trace_kinds)):
         meta = CacheReader.open(url).metadata
         read = teacher_traces(examples, meta)  # what the teacher actually read, rebuilt from its cache's data
         for n, ex in enumerate(examples):
             src = by_id[truth.trace_from[n][k]]
-            assert read[n] == build_trace(src, "nl", drop_last_step=True)
-            assert bool(truth.good[n, k]) == (src.id == ex.id) == (read[n] == build_trace(ex, "nl", drop_last_step=True))
+            assert read[n] == as_read(src, kind) and (kind == "nl") == ("<<" not in read[n])
+            assert bool(truth.good[n, k]) == (src.id == ex.id) == (read[n] == as_read(ex, kind))
     assert RT.extract_planted(files, tmp_path / "work", "no-such-model", slots=2) == urls  # reused, no model loaded
     # the NLL signal, by hand: rows where teacher k is the only good one, or the two others are
     from kvkd.cache.reader import CacheReader as R
@@ -163,3 +213,12 @@ def test_benchmark_end_to_end_on_tiny_models(shared_data, tmp_path, tiny_teacher
     # finished runs are reused: a second call trains nothing and gives the same table body
     assert RT.main(argv) == 0
     assert (out / "results.md").read_text().split("\n", 2)[2] == table.split("\n", 2)[2]
+    # another work folder rebuilds the same tables from the published results.json, training nothing
+    (tmp_path / "published.json").write_bytes((out / "results.json").read_bytes())
+    argv2 = [a if a != str(work) else str(tmp_path / "work2") for a in argv]
+    argv2 = [a if a != str(out) else str(tmp_path / "out2") for a in argv2] + ["--report-only", "--import", str(tmp_path / "published.json")]
+    assert RT.main(argv2) == 0
+    table2 = (tmp_path / "out2" / "results.md").read_text()
+    assert table2.split("\n", 2)[2] == table.split("\n", 2)[2] and f"{len(res)} of them imported from" in table2
+    assert not list((tmp_path / "work2" / "runs").rglob("log.jsonl"))  # nothing trained
+    assert RT.main(argv2[:-3] + ["--steps", "5", "--report-only", "--import", str(tmp_path / "published.json")]) == 2  # other settings: refused
