@@ -412,6 +412,7 @@ def train(flags: dict, config: Optional[str], local_rank: Optional[int]):
     With --deepspeed, run one process per rank: `torchrun --nproc_per_node N -m kvkd.cli train --deepspeed ds.json ...`
     or `deepspeed --module kvkd.cli train --deepspeed ds.json ...`; rank 0 prints and writes the run folder.
     """
+    from kvkd.train.trainer import repeated_caches
     from kvkd.train.trainer import train as run_train
 
     try:
@@ -419,6 +420,10 @@ def train(flags: dict, config: Optional[str], local_rank: Optional[int]):
         if _rank() != 0:  # other ranks train silently; rank 0 shows progress and the summary
             run_train(cfg)
             return
+        for loc, ks in repeated_caches(cfg.caches).items():
+            console.print(f"note: the cache {loc} is given {len(ks)} times (teachers {', '.join(map(str, ks))}): it counts as {len(ks)} teachers "
+                          "(that share of fixed weights, that many votes in govern/grad-cosine); give each cache once unless that is meant",
+                          markup=False, highlight=False, soft_wrap=True)
         with _progress("steps") as prog:
             task = prog.add_task("train", total=cfg.steps, rate="")
 

@@ -59,6 +59,22 @@ def test_extract_train_eval_end_to_end(rows, tiny_teacher, tiny_student, tmp_pat
     assert len(preds) == 4 and all({"id", "gold", "prediction", "correct", "answer_nll"} <= p.keys() for p in preds)
 
 
+def test_same_cache_twice_is_noted(rows, tiny_teacher, tiny_student, tmp_path, monkeypatch):
+    from kvkd.train.trainer import repeated_caches
+
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "t.zarr"
+    _ok(["extract", "--model", str(tiny_teacher), "--data", str(rows / "train.jsonl"), "--out", str(out), "--slots", "2", "--batch-size", "8"])
+    assert repeated_caches([str(out), "t.zarr/", "./x/../t.zarr", "s3://b/c", "s3://b/c/", "s3://b/d"]) == {str(out): [0, 1, 2], "s3://b/c": [3, 4]}
+    text = _ok(["train", "--cache", str(out), "--cache", "t.zarr/", "--student", str(tiny_student), "--out", str(tmp_path / "run"),
+                "--steps", "1", "--batch-size", "4", "--lora-r", "4", "--workers", "0"])
+    assert f"note: the cache {out} is given 2 times (teachers 0, 1): it counts as 2 teachers" in text.replace("\n", " "), text
+    assert json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])["weights"] == [0.5, 0.5]  # trained as two teachers
+    text = _ok(["train", "--cache", str(out), "--student", str(tiny_student), "--out", str(tmp_path / "run1"),
+                "--steps", "1", "--batch-size", "4", "--lora-r", "4", "--workers", "0"])
+    assert "note: the cache" not in text
+
+
 def test_clear_errors(rows, tiny_teacher, tmp_path):
     r = runner.invoke(app, ["extract", "--model", str(tmp_path / "nope"), "--data", str(rows / "train.jsonl"), "--out", str(tmp_path / "x.zarr")])
     assert r.exit_code == 2 and "error" in r.output

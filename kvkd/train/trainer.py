@@ -121,6 +121,22 @@ def build_student(spec: str, latents: int, cfg: TrainConfig, template: PromptTem
     return student
 
 
+def repeated_caches(caches: list[str]) -> dict[str, list[int]]:
+    """Caches given more than once: location -> the 0-based teacher indices it fills.
+
+    Local paths are compared after resolving ``~``, ``.``/``..``, trailing slashes and links;
+    URLs as written, less a trailing slash. Two copies of one cache in two places are not
+    found (they are two locations). A repeated cache is allowed (a planted benchmark may want
+    two identical teachers) but counts as that many teachers: it gets that share of ``fixed``'s
+    weight and votes that many times in agreement routers (``govern``, ``grad-cosine``).
+    """
+    seen: dict[str, list[int]] = {}
+    for k, url in enumerate(caches):
+        key = url.rstrip("/") if "://" in url or "::" in url else os.path.realpath(os.path.expanduser(url))
+        seen.setdefault(key, []).append(k)
+    return {loc: ks for loc, ks in seen.items() if len(ks) > 1}
+
+
 def open_teachers(cfg: TrainConfig) -> tuple[list[CacheReader], list[dict]]:
     """Open and cross-check the teacher caches.
 
