@@ -400,6 +400,26 @@ def generate(flags: dict, config: Optional[str]):
     _print_summary("generation", {**asdict(summary), "solve rate (95% CI)": f"{summary.accuracy:.1%} [{summary.ci_low:.1%}, {summary.ci_high:.1%}] of {summary.traces} traces"})
 
 
+def _interrupted_run(out: str | None) -> None:
+    """Ctrl-C or SIGTERM during ``train``/``sft``: one line saying where the run stopped and what a rerun resumes from; exit 130."""
+    from kvkd.train.rundir import RunDir
+
+    if not out:
+        console.print("interrupted before training started; nothing was written", markup=False, highlight=False)
+        raise typer.Exit(code=130)
+    rundir = RunDir(out)
+    try:
+        log = rundir.read_log() if rundir.log_path.is_file() else []
+        ckpt = rundir.latest_checkpoint() if rundir.path.is_dir() else None
+        saved = RunDir.checkpoint_step(ckpt) if ckpt is not None else 0
+    except (OSError, ValueError, KeyError):  # a checkpoint torn by the interrupt itself: the rerun removes it
+        log, saved = [], 0
+    at = f"at step {log[-1]['step']}" if log else "before the first step"
+    resume = f"it resumes from the checkpoint of step {saved}" if saved else "no checkpoint was written yet, so it starts from step 0"
+    console.print(f"interrupted {at} of {out}; rerun the same command: {resume}", markup=False, highlight=False, soft_wrap=True)
+    raise typer.Exit(code=130)
+
+
 # ----------------------------------------------------------------------------- train
 # the deepspeed launcher passes --local_rank to every rank's process (train and sft)
 LOCAL_RANK = _extra("local_rank", Optional[int], typer.Option(None, "--local_rank", "--local-rank", hidden=True, help="Set by the deepspeed launcher; the rank is read from LOCAL_RANK."))
@@ -415,11 +435,13 @@ def train(flags: dict, config: Optional[str], local_rank: Optional[int]):
     from kvkd.train.trainer import repeated_caches
     from kvkd.train.trainer import train as run_train
 
+    cfg, previous = None, signal.getsignal(signal.SIGTERM)
     try:
         cfg = _resolve(TrainConfig, "train", config, flags)
         if _rank() != 0:  # other ranks train silently; rank 0 shows progress and the summary
             run_train(cfg)
             return
+        signal.signal(signal.SIGTERM, _sigterm_to_interrupt)  # a scheduler's SIGTERM stops like Ctrl-C (lock released, one line)
         for loc, ks in repeated_caches(cfg.caches).items():
             console.print(f"note: the cache {loc} is given {len(ks)} times (teachers {', '.join(map(str, ks))}): it counts as {len(ks)} teachers "
                           "(that share of fixed weights, that many votes in govern/grad-cosine); give each cache once unless that is meant",
@@ -432,8 +454,12 @@ def train(flags: dict, config: Optional[str], local_rank: Optional[int]):
                 prog.update(task, completed=e.step, rate=f"loss {e.loss:.3f} ce {e.ce:.3f} w [{w}] {e.step_s:.2f} s/step")
 
             summary = run_train(cfg, on_step=on_step)
+    except KeyboardInterrupt:
+        _interrupted_run(getattr(cfg, "out", None))
     except ERRORS as err:
         _fail(err)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if summary.steps_run == 0:
         console.print(f"{summary.run_dir} is already trained to step {summary.steps}: nothing to do (give a larger --steps to train on, or --fresh to start over)")
     _print_teachers(summary.run_dir)
@@ -451,16 +477,22 @@ def sft_cmd(flags: dict, config: Optional[str], local_rank: Optional[int]):
     """
     from kvkd.sft import sft
 
+    cfg, previous = None, signal.getsignal(signal.SIGTERM)
     try:
         cfg = _resolve(SFTConfig, "sft", config, flags)
         if _rank() != 0:
             sft(cfg)
             return
+        signal.signal(signal.SIGTERM, _sigterm_to_interrupt)  # a scheduler's SIGTERM stops like Ctrl-C
         with _progress("steps") as prog:
             task = prog.add_task("sft", total=cfg.steps, rate="")
             summary = sft(cfg, on_step=lambda e: prog.update(task, completed=e.step, rate=f"loss {e.loss:.3f} {e.step_s:.2f} s/step"))
+    except KeyboardInterrupt:
+        _interrupted_run(getattr(cfg, "out", None))
     except ERRORS as err:
         _fail(err)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if summary.steps_run == 0:
         console.print(f"{summary.run_dir} is already trained to step {summary.steps}: nothing to do (give a larger --steps to train on, or --fresh to start over)")
     _print_summary("sft", asdict(summary))

@@ -176,6 +176,33 @@ def fail_on_shard(ctx: Ctx, exc_or_signal) -> None:
     ctx.monkeypatch.setattr(writer_mod.CacheWriter, "write_shard", write_shard)
 
 
+def signal_at_step(ctx: Ctx, sig, step: int) -> None:
+    """Send this process ``sig`` during training step ``step`` (before that step is logged)."""
+    import kvkd.train.trainer as trainer
+
+    real, calls = trainer._global_logs, []
+
+    def logs(engine, part, rows):
+        calls.append(1)
+        if len(calls) == step:
+            os.kill(os.getpid(), sig)
+        return real(engine, part, rows)
+
+    ctx.monkeypatch.setattr(trainer, "_global_logs", logs)
+
+
+def resumable_run(ctx: Ctx) -> None:
+    """An interrupted run: checkpoint of step 2, no summary, the lock released (a rerun resumes and finishes)."""
+    from kvkd.train.rundir import RunDir, folder_lock
+
+    run = RunDir(ctx.out)
+    assert not run.summary_path.exists() and RunDir.checkpoint_step(run.latest_checkpoint()) == 2
+    with folder_lock(ctx.out):
+        pass
+    result = runner.invoke(app, ctx.train_args("--save-every", "2", steps="4"))
+    assert result.exit_code == 0 and len(run.read_log()) == 4, result.output
+
+
 def disk_full_at_checkpoint(ctx: Ctx) -> None:
     import kvkd.train.engines as engines
 
@@ -367,6 +394,10 @@ CASES = [
     Case("train: rerun with other options", lambda c: c.train_args("--steps", "2", "--lr", "1e-3", out=c.copy_run()),
          ("--lr", "(recorded)", "--fresh"), unchanged_run),
     Case("train: run folder locked by another trainer", _locked, ("is in use by process", "wait for it to finish"), unchanged_run),
+    Case("train: SIGTERM at step 3", lambda c: signal_at_step(c, signal.SIGTERM, 3) or c.train_args("--save-every", "2", steps="4"),
+         ("interrupted at step 2 of", "rerun the same command: it resumes from the checkpoint of step 2"), resumable_run),
+    Case("train: Ctrl-C at step 3", lambda c: signal_at_step(c, signal.SIGINT, 3) or c.train_args("--save-every", "2", steps="4"),
+         ("interrupted at step 2 of", "resumes from the checkpoint of step 2"), resumable_run, slow=True),
     Case("train: disk full at a checkpoint", lambda c: disk_full_at_checkpoint(c) or c.train_args(), ("no space left on the device",), no_trained_state, slow=True),
     # --- eval / export
     Case("eval without --data", lambda c: ["eval", "--run", str(c.copy_run())], ("--data",), unchanged_run),

@@ -101,6 +101,33 @@ def test_sft_killed_after_three_steps_resumes_to_the_uninterrupted_run(rows, tmp
     assert json.loads((run / "config.json").read_text())["resumes"][0]["from_step"] == 2
 
 
+def test_sft_sigterm_is_one_line_and_the_rerun_resumes(rows, tmp_path, tiny_teacher, monkeypatch):
+    import signal
+
+    from typer.testing import CliRunner
+
+    import kvkd.sft as sft_mod
+    from kvkd.cli import app
+
+    real, calls = sft_mod.tokenize_sft, []
+
+    def tokenize(*a, **kw):  # step 3's batch: as a scheduler's SIGTERM would arrive
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(sft_mod, "tokenize_sft", tokenize)
+    argv = ["sft", "--model", str(tiny_teacher), "--data", str(rows), "--out", str(tmp_path / "run"), "--mode", "cot", "--steps", "4",
+            "--batch-size", "2", "--lora-r", "4", "--save-every", "2"]
+    r = CliRunner().invoke(app, argv)
+    assert r.exit_code == 130 and "Traceback" not in r.output, r.output
+    assert "interrupted at step 2 of" in r.output and "it resumes from the checkpoint of step 2" in r.output.replace("\n", " "), r.output
+    assert not (tmp_path / "run" / "model").exists() and not (tmp_path / "run" / "summary.json").exists()
+    r = CliRunner().invoke(app, argv)
+    assert r.exit_code == 0 and json.loads((tmp_path / "run" / "config.json").read_text())["resumes"][0]["from_step"] == 2, r.output
+
+
 @pytest.mark.slow  # seven short runs in one folder
 def test_sft_resume_rules(rows, tmp_path, tiny_teacher):
     from kvkd.train.rundir import RunFolderError
