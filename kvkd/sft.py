@@ -52,7 +52,7 @@ from kvkd.models import load_model
 from kvkd.prompts import PromptTemplate
 from kvkd.train.engines import build_engine, check_batches_split, check_deepspeed_launch
 from kvkd.train.options import CheckpointArgs, LoraArgs, OptimArgs, TrainConfig
-from kvkd.train.rundir import WEIGHTS, NonFiniteError, RunDir, RunFolderError, check_resume, copy_state, disk_error, make_readable, provenance, resume_point
+from kvkd.train.rundir import WEIGHTS, NonFiniteError, RunDir, RunFolderError, check_resume, copy_state, disk_error, make_readable, record_provenance, resume_point
 from kvkd.train.student import make_trainable
 from kvkd.train.trainer import _batches, _is_local, _rank, micro_batches
 
@@ -327,12 +327,7 @@ def _record(cfg: SFTConfig, loaded, engine, rows: int, fingerprint: str, recorde
     resolved = asdict(cfg)
     resolved.pop("fresh")
     resolved.update(effective_batch=cfg.batch_size * cfg.grad_accum, teacher=loaded.info, rows=rows, data_fingerprint=fingerprint, engine=asdict(engine.info))
-    here = provenance(engine.device)
-    if recorded is not None and done:
-        resolved["provenance"] = recorded.get("provenance", {})
-        resolved["resumes"] = recorded.get("resumes", []) + [{"from_step": done, "steps": cfg.steps, **here}]
-    else:
-        resolved["provenance"] = here
+    record_provenance(resolved, recorded, done, cfg.steps, engine.device)
     return json.loads(json.dumps(resolved, default=str))
 
 

@@ -448,3 +448,20 @@ def provenance(device: torch.device | str) -> dict:
     else:
         dev = {"type": device.type, "name": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads()}
     return {"versions": versions, "device": dev, "host": platform.node(), "started_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def record_provenance(resolved: dict, recorded: dict | None, done: int, steps: int, device: torch.device | str) -> dict:
+    """Add a run's provenance to its ``config.json`` dict ``resolved`` (in place; returned).
+
+    A new run (no ``recorded`` config or ``done == 0``) records :func:`provenance` as
+    ``provenance``; a resume keeps the recorded ``provenance`` and appends ``{"from_step": done,
+    "steps": steps, **provenance}`` to ``resumes`` (so each resume's step, ``--steps``, versions
+    and device stay on record).
+    """
+    here = provenance(device)
+    if recorded is not None and done:
+        resolved["provenance"] = recorded.get("provenance", {})
+        resolved["resumes"] = recorded.get("resumes", []) + [{"from_step": done, "steps": steps, **here}]
+    else:
+        resolved["provenance"] = here
+    return resolved

@@ -54,7 +54,7 @@ from kvkd.train.losses import FUSIONS, teacher_extras, terms
 from kvkd.train.options import TrainConfig
 from kvkd.train.routers import build_router
 from kvkd.train.sinks import LatentNorms, Sinks, parse_report_to
-from kvkd.train.rundir import RESUMABLE_OPTIONS, NonFiniteError, RunDir, RunFolderError, changed_options, copy_state, provenance, resume_point  # noqa: F401
+from kvkd.train.rundir import RESUMABLE_OPTIONS, NonFiniteError, RunDir, RunFolderError, changed_options, copy_state, provenance, record_provenance, resume_point  # noqa: F401
 from kvkd.train.rundir import check_resume as check_run_options
 from kvkd.train.step import Trainee, _fuse, _parameter_grads, _per_sample_grads, align_teachers, distill_step, fuse_teachers  # noqa: F401  (re-exported)
 from kvkd.train.student import LatentStudent, add_latent_tokens, make_trainable
@@ -390,12 +390,7 @@ def _record(cfg: TrainConfig, trainee: Trainee, engine, recorded: dict | None, d
     resolved["effective_batch"] = cfg.batch_size * cfg.grad_accum  # examples per optimiser step
     resolved["layer_maps"] = [a.mapping.tolist() for a in trainee.aligners]
     resolved["engine"] = asdict(engine.info)
-    here = provenance(engine.device)
-    if recorded is not None and done:
-        resolved["provenance"] = recorded.get("provenance", {})
-        resolved["resumes"] = recorded.get("resumes", []) + [{"from_step": done, "steps": cfg.steps, **here}]
-    else:
-        resolved["provenance"] = here
+    record_provenance(resolved, recorded, done, cfg.steps, engine.device)
     return resolved
 
 
