@@ -366,15 +366,18 @@ def write_tables(out: Path, results: list[dict], routers: list[str], scenarios: 
 def plot(out: Path, results: list[dict], routers: list[str], scenario: str) -> Path:
     """``<scenario>.png``: routing accuracy over steps per router (mean over seeds); final NLL per router (+- std)."""
     def draw(axes):
+        import matplotlib
+
         ax1, ax2 = axes
         names, nll_m, nll_s = [], [], []
-        for router in routers:
+        colours = matplotlib.colormaps["tab20"]  # 13+ routers: tab10 would repeat colours
+        for i, router in enumerate(routers):
             got = [r for r in results if r["router"] == router and r["scenario"] == scenario]
             if not got:
                 continue
             curve = torch.tensor([r["accuracy_per_step"] for r in got]).mean(0)
             ref = router in ("oracle", "fixed")
-            ax1.plot(range(1, len(curve) + 1), curve.tolist(), label=router, lw=2.5 if ref else 1.2, ls="--" if ref else "-")
+            ax1.plot(range(1, len(curve) + 1), curve.tolist(), label=router, lw=2.5 if ref else 1.2, ls="--" if ref else "-", color=colours(i % 20))
             m, s = mean_std([r["heldout_nll"] for r in got])
             names.append(router), nll_m.append(m), nll_s.append(s)
         ax1.set(xlabel="step", ylabel="routing accuracy", title=f"{scenario}: weight on good teachers", ylim=(-0.02, 1.02))
