@@ -7,6 +7,7 @@ function. The CLI alone sets process-global state (torch threads, environment) a
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
@@ -64,6 +65,18 @@ def _rank() -> int:
 
 def _sigterm_to_interrupt(signum, frame):
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigterm_as_ctrl_c():
+    """Within the block a SIGTERM (a scheduler's stop) raises KeyboardInterrupt like Ctrl-C, so
+    extract/train/sft stop the same way for both (claims and locks released, one line); the
+    previous handler is restored after."""
+    previous = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _fail(err: Exception) -> None:
@@ -292,10 +305,9 @@ def extract(flags: dict, config: Optional[str], dry_run: bool, student: Optional
     if dry_run:
         _extract_plan(flags, config, student, layer_map)
         return
-    previous = signal.signal(signal.SIGTERM, _sigterm_to_interrupt)  # SIGTERM stops like Ctrl-C (claims released)
     try:
         cfg = _resolve(ExtractConfig, "extract", config, flags)
-        with _progress("examples") as prog:
+        with _sigterm_as_ctrl_c(), _progress("examples") as prog:
             task = prog.add_task("extract", total=None, rate="")
 
             def on_progress(p):
@@ -311,8 +323,6 @@ def extract(flags: dict, config: Optional[str], dry_run: bool, student: Optional
         raise typer.Exit(code=130) from None
     except ERRORS as err:
         _fail(err)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     if summary.reused is not None:
         r = summary.reused
         console.print(f"reused cache {summary.key} ({summary.name}) made by {r['made_by']} at {r['made_at']} with kvkd {r['kvkd_version']}", markup=False, highlight=False)
@@ -435,18 +445,17 @@ def train(flags: dict, config: Optional[str], local_rank: Optional[int]):
     from kvkd.train.trainer import repeated_caches
     from kvkd.train.trainer import train as run_train
 
-    cfg, previous = None, signal.getsignal(signal.SIGTERM)
+    cfg = None
     try:
         cfg = _resolve(TrainConfig, "train", config, flags)
         if _rank() != 0:  # other ranks train silently; rank 0 shows progress and the summary
             run_train(cfg)
             return
-        signal.signal(signal.SIGTERM, _sigterm_to_interrupt)  # a scheduler's SIGTERM stops like Ctrl-C (lock released, one line)
         for loc, ks in repeated_caches(cfg.caches).items():
             console.print(f"note: the cache {loc} is given {len(ks)} times (teachers {', '.join(map(str, ks))}): it counts as {len(ks)} teachers "
                           "(that share of fixed weights, that many votes in govern/grad-cosine); give each cache once unless that is meant",
                           markup=False, highlight=False, soft_wrap=True)
-        with _progress("steps") as prog:
+        with _sigterm_as_ctrl_c(), _progress("steps") as prog:
             task = prog.add_task("train", total=cfg.steps, rate="")
 
             def on_step(e):
@@ -458,8 +467,6 @@ def train(flags: dict, config: Optional[str], local_rank: Optional[int]):
         _interrupted_run(getattr(cfg, "out", None))
     except ERRORS as err:
         _fail(err)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     if summary.steps_run == 0:
         console.print(f"{summary.run_dir} is already trained to step {summary.steps}: nothing to do (give a larger --steps to train on, or --fresh to start over)")
     _print_teachers(summary.run_dir)
@@ -477,22 +484,19 @@ def sft_cmd(flags: dict, config: Optional[str], local_rank: Optional[int]):
     """
     from kvkd.sft import sft
 
-    cfg, previous = None, signal.getsignal(signal.SIGTERM)
+    cfg = None
     try:
         cfg = _resolve(SFTConfig, "sft", config, flags)
         if _rank() != 0:
             sft(cfg)
             return
-        signal.signal(signal.SIGTERM, _sigterm_to_interrupt)  # a scheduler's SIGTERM stops like Ctrl-C
-        with _progress("steps") as prog:
+        with _sigterm_as_ctrl_c(), _progress("steps") as prog:
             task = prog.add_task("sft", total=cfg.steps, rate="")
             summary = sft(cfg, on_step=lambda e: prog.update(task, completed=e.step, rate=f"loss {e.loss:.3f} {e.step_s:.2f} s/step"))
     except KeyboardInterrupt:
         _interrupted_run(getattr(cfg, "out", None))
     except ERRORS as err:
         _fail(err)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
     if summary.steps_run == 0:
         console.print(f"{summary.run_dir} is already trained to step {summary.steps}: nothing to do (give a larger --steps to train on, or --fresh to start over)")
     _print_summary("sft", asdict(summary))
